@@ -1,0 +1,22 @@
+import importlib.metadata
+
+from ._fixed_point import fixed_point_solve as fixed_point_solve
+from ._lds import (
+    AbstractTransition as AbstractTransition,
+    DenseTransition as DenseTransition,
+    DiagonalTransition as DiagonalTransition,
+    IdentityTransition as IdentityTransition,
+    sequential_solve as sequential_solve,
+    ZeroTransition as ZeroTransition,
+)
+from ._method.base import AbstractMethod as AbstractMethod
+from ._method.jacobi import Jacobi as Jacobi
+from ._method.newton import Newton as Newton
+from ._method.picard import Picard as Picard
+from ._method.quasi_newton import QuasiNewton as QuasiNewton
+from ._operator import BidiagonalOperator as BidiagonalOperator, ScanSolver as ScanSolver
+from ._scan import scan as scan
+from ._stats import RESULTS as RESULTS, Stats as Stats
+
+
+__version__ = importlib.metadata.version("partime")

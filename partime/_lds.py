@@ -1,0 +1,199 @@
+"""The linear dynamical system (LDS) engine.
+
+Solves `x_t = A_t x_{t-1} + b_t`, `t = 1..T`, `x_0 = 0`, for all `t` at once with an
+associative scan in `O(log T)` depth, and its transpose `y_t = b_t + A_{t+1}^T y_{t+1}`,
+`y_{T+1} = 0` (a reverse scan), which reverse-mode autodiff needs.
+
+The affine maps `x -> A x + b` compose as `(A_2, b_2) ∘ (A_1, b_1) = (A_2 A_1, A_2 b_1 + b_2)`,
+which is associative; each transition structure below stores only what its `A_t` needs.
+"""
+
+import abc
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+class AbstractTransition(eqx.Module):
+    """The transitions `A_1, ..., A_T` of a linear dynamical system on `R^d`."""
+
+    @property
+    @abc.abstractmethod
+    def shape(self) -> tuple[int, int]:
+        """`(T, d)`."""
+
+    # Every transition also has a `dtype` (a field or a property).
+
+    @abc.abstractmethod
+    def apply(self, x: Float[Array, "T d"]) -> Float[Array, "T d"]:
+        """`x_t -> A_t x_t` for every `t`."""
+
+    @abc.abstractmethod
+    def apply_transpose(self, x: Float[Array, "T d"]) -> Float[Array, "T d"]:
+        """`x_t -> A_t^T x_t` for every `t`."""
+
+    @abc.abstractmethod
+    def solve(self, b: Float[Array, "T d"], reverse: bool = False) -> Float[Array, "T d"]:
+        """Forward: `x_t = A_t x_{t-1} + b_t`, `x_0 = 0`.
+        Reverse (the transpose): `y_t = A_{t+1}^T y_{t+1} + b_t`, `y_{T+1} = 0`.
+        """
+
+    @abc.abstractmethod
+    def as_dense(self) -> Float[Array, "T d d"]:
+        """The transitions as a stack of `d x d` matrices."""
+
+    def conj(self) -> "AbstractTransition":
+        """The elementwise complex conjugate (the identity on real transitions)."""
+        return jax.tree_util.tree_map(jnp.conj, self)
+
+
+def _shift_back(a: Array) -> Array:
+    """`a_{t+1}` at position `t`; zero at the last position."""
+    return jnp.concatenate([a[1:], jnp.zeros_like(a[:1])])
+
+
+class DenseTransition(AbstractTransition):
+    """Full `d x d` transitions (Newton / DEER). Each combine costs `O(d^3)`."""
+
+    matrices: Float[Array, "T d d"]
+
+    @property
+    def shape(self):
+        return self.matrices.shape[:2]
+
+    @property
+    def dtype(self):
+        return self.matrices.dtype
+
+    def apply(self, x):
+        return jnp.einsum("tij,tj->ti", self.matrices, x, precision=_HIGHEST)
+
+    def apply_transpose(self, x):
+        return jnp.einsum("tji,tj->ti", self.matrices, x, precision=_HIGHEST)
+
+    def solve(self, b, reverse=False):
+        if reverse:
+            a = _shift_back(jnp.swapaxes(self.matrices, -1, -2))
+        else:
+            a = self.matrices
+
+        def combine(first, second):
+            a1, b1 = first
+            a2, b2 = second
+            a_out = jnp.matmul(a2, a1, precision=_HIGHEST)
+            b_out = jnp.einsum("...ij,...j->...i", a2, b1, precision=_HIGHEST) + b2
+            return a_out, b_out
+
+        _, x = jax.lax.associative_scan(combine, (a, b), reverse=reverse)
+        return x
+
+    def as_dense(self):
+        return self.matrices
+
+
+class DiagonalTransition(AbstractTransition):
+    """Diagonal transitions (quasi-Newton): memory and work `O(T d)`."""
+
+    diagonals: Float[Array, "T d"]
+
+    @property
+    def shape(self):
+        return self.diagonals.shape
+
+    @property
+    def dtype(self):
+        return self.diagonals.dtype
+
+    def apply(self, x):
+        return self.diagonals * x
+
+    def apply_transpose(self, x):
+        return self.diagonals * x
+
+    def solve(self, b, reverse=False):
+        a = _shift_back(self.diagonals) if reverse else self.diagonals
+
+        def combine(first, second):
+            a1, b1 = first
+            a2, b2 = second
+            return a2 * a1, a2 * b1 + b2
+
+        _, x = jax.lax.associative_scan(combine, (a, b), reverse=reverse)
+        return x
+
+    def as_dense(self):
+        return jax.vmap(jnp.diag)(self.diagonals)
+
+
+class IdentityTransition(AbstractTransition):
+    """`A_t = I` (Picard): the solve is a cumulative sum."""
+
+    length: int = eqx.field(static=True)
+    size: int = eqx.field(static=True)
+    dtype: jnp.dtype = eqx.field(static=True)
+
+    @property
+    def shape(self):
+        return (self.length, self.size)
+
+    def apply(self, x):
+        return x
+
+    def apply_transpose(self, x):
+        return x
+
+    def solve(self, b, reverse=False):
+        return jax.lax.cumsum(b, axis=0, reverse=reverse)
+
+    def as_dense(self):
+        return jnp.broadcast_to(
+            jnp.eye(self.size, dtype=self.dtype), (self.length, self.size, self.size)
+        )
+
+
+class ZeroTransition(AbstractTransition):
+    """`A_t = 0` (Jacobi): the solve is the identity map on `b`."""
+
+    length: int = eqx.field(static=True)
+    size: int = eqx.field(static=True)
+    dtype: jnp.dtype = eqx.field(static=True)
+
+    @property
+    def shape(self):
+        return (self.length, self.size)
+
+    def apply(self, x):
+        return jnp.zeros_like(x)
+
+    def apply_transpose(self, x):
+        return jnp.zeros_like(x)
+
+    def solve(self, b, reverse=False):
+        return b
+
+    def as_dense(self):
+        return jnp.zeros((self.length, self.size, self.size), self.dtype)
+
+
+def sequential_solve(
+    transition: AbstractTransition, b: Float[Array, "T d"], reverse: bool = False
+) -> Float[Array, "T d"]:
+    """Reference implementation of [`AbstractTransition.solve`][] with `jax.lax.scan`.
+
+    For tests, and as the exact sequential path.
+    """
+    a = transition.as_dense()
+    if reverse:
+        a = _shift_back(jnp.swapaxes(a, -1, -2))
+
+    def body(x_prev, inputs):
+        a_t, b_t = inputs
+        x = jnp.matmul(a_t, x_prev, precision=_HIGHEST) + b_t
+        return x, x
+
+    _, x = jax.lax.scan(body, jnp.zeros_like(b[0]), (a, b), reverse=reverse)
+    return x

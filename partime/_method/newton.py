@@ -1,0 +1,46 @@
+import jax
+
+from .._lds import DenseTransition
+from .base import AbstractMethod
+
+
+class Newton(AbstractMethod):
+    """Newton's method over the whole sequence (DEER).
+
+    The transition is the full Jacobian `Ã_t = ∂f_t/∂s_{t-1}`, computed with forward-mode
+    autodiff. Converges quadratically — typically in 3–6 iterations on contracting
+    problems, nearly independently of `T` — at the price of `O(T d²)` memory and `O(d³)`
+    work per scan combine. The method of choice for small and moderate `d`.
+
+    **Arguments:** `rtol`, `atol`, `max_iters` (default 50), `fallback`; see
+    [`partime.AbstractMethod`][].
+
+    ??? cite "Reference"
+
+        ```bibtex
+        @inproceedings{lim2024parallelizing,
+            title={Parallelizing non-linear sequential models over the sequence length},
+            author={Lim, Yi Heng and Zhu, Qi and Selfridge, Joshua and Kasim,
+                    Muhammad Firmansyah},
+            booktitle={International Conference on Learning Representations},
+            year={2024}
+        }
+        ```
+    """
+
+    rtol: float | None = None
+    atol: float | None = None
+    max_iters: int | None = None
+    fallback: bool = True
+
+    @property
+    def default_max_iters(self):
+        return 50
+
+    def linearise(self, step, prev, xs):
+        def value_and_jac(s, x):
+            value = step(s, x)
+            return value, value
+
+        jac, f = jax.vmap(jax.jacfwd(value_and_jac, has_aux=True))(prev, xs)
+        return f, DenseTransition(jac)

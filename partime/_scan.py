@@ -1,0 +1,106 @@
+"""`partime.scan`: a drop-in for `jax.lax.scan` that runs in parallel over time."""
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from jax.flatten_util import ravel_pytree
+from jaxtyping import PyTree
+
+from ._fixed_point import fixed_point_solve
+from ._method.base import AbstractMethod
+from ._method.newton import Newton
+from ._stats import RESULTS, Stats
+
+
+def _flip(tree: PyTree) -> PyTree:
+    return jtu.tree_map(lambda a: jnp.flip(a, axis=0), tree)
+
+
+def scan(
+    f: Callable[[Any, Any], tuple[Any, Any]],
+    init: PyTree,
+    xs: PyTree = None,
+    length: int | None = None,
+    reverse: bool = False,
+    *,
+    method: AbstractMethod = Newton(),
+    guess: PyTree = None,
+    return_stats: bool = False,
+    throw: bool = True,
+) -> tuple[PyTree, PyTree] | tuple[PyTree, PyTree, Stats]:
+    """Evaluates `jax.lax.scan(f, init, xs, length, reverse)` in parallel over time.
+
+    The carries `c_1..c_T` of the recurrence `(c_t, y_t) = f(c_{t-1}, x_t)` are found
+    all at once, as the solution of the nonlinear system `c_t - f(c_{t-1}, x_t)[0] = 0`,
+    by the iterations of `method`, each an associative scan of depth `O(log T)`. The
+    outputs `y_t` are then evaluated in parallel from the carries.
+
+    **Arguments:**
+
+    - `f`, `init`, `xs`, `length`, `reverse`: as for `jax.lax.scan`. The carry may be any
+        PyTree of floating-point arrays.
+    - `method`: the fixed-point method: [`partime.Newton`][] (default),
+        [`partime.QuasiNewton`][], [`partime.Picard`][], [`partime.Jacobi`][].
+    - `guess`: a first guess for the carries `c_1..c_T`, stacked along a leading axis
+        like the carries `jax.lax.scan` would return (e.g. the previous training step's
+        trajectory). Defaults to `init` at every step.
+    - `return_stats`: also return a [`partime.Stats`][].
+    - `throw`: raise an error if the solve failed (only possible with
+        `fallback=False`, or a non-finite `init`). If `False`, check `stats.result`.
+
+    **Returns:** `(final_carry, ys)`, or `(final_carry, ys, stats)`.
+
+    The result equals `jax.lax.scan`'s to the method's tolerance; if the iteration does
+    not converge, the method's exact sequential fallback finishes the steps after the
+    converged prefix (see `stats.fell_back`). Gradients (`jax.grad`, `jax.jvp`) are
+    computed by implicit differentiation — one parallel linear solve at the solution —
+    with respect to `init`, `xs`, and any arrays `f` closes over.
+    """
+    leaves = jtu.tree_leaves(init)
+    if not leaves:
+        raise ValueError("`partime.scan` needs a carry with at least one array.")
+    for leaf in leaves:
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+            raise TypeError(
+                "`partime.scan` solves for the carry with Newton-type iterations, so "
+                "every leaf of the carry must be a floating-point array; got one of "
+                f"dtype {jnp.result_type(leaf)}. Pass integer counters through `xs` "
+                "(e.g. `xs=jnp.arange(T)`) instead of the carry."
+            )
+    init = jtu.tree_map(jnp.asarray, init)
+    if reverse:
+        xs = _flip(xs)
+    init_flat, unravel = ravel_pytree(init)
+    x_struct = jax.eval_shape(lambda: jtu.tree_map(lambda a: a[0], xs))
+    carry_struct, _ = jax.eval_shape(f, init, x_struct)
+    init_struct = jax.eval_shape(lambda: init)
+    if jtu.tree_structure(carry_struct) != jtu.tree_structure(init_struct) or any(
+        a.shape != b.shape
+        for a, b in zip(jtu.tree_leaves(carry_struct), jtu.tree_leaves(init_struct))
+    ):
+        raise TypeError(
+            "`f` must return a carry with the same structure and shapes as `init`: "
+            f"got {carry_struct} for init {init_struct}."
+        )
+
+    def step(state, x):
+        carry, _ = f(unravel(state), x)
+        return ravel_pytree(carry)[0]
+
+    guess_flat = None if guess is None else jax.vmap(lambda c: ravel_pytree(c)[0])(guess)
+    states, stats = fixed_point_solve(
+        step, init_flat, xs, method, length=length, guess=guess_flat
+    )
+    if throw:
+        states = stats.result.error_if(states, stats.result != RESULTS.successful)
+    prev = jnp.concatenate([init_flat[None], states[:-1]])
+    ys = jax.vmap(lambda s, x: f(unravel(s), x)[1])(prev, xs)
+    if reverse:
+        ys = _flip(ys)
+    final = unravel(states[-1])
+    if return_stats:
+        return final, ys, stats
+    return final, ys
