@@ -14,7 +14,10 @@ from ._method.jacobi import Jacobi as Jacobi
 from ._method.newton import Newton as Newton
 from ._method.picard import Picard as Picard
 from ._method.quasi_newton import QuasiNewton as QuasiNewton
-from ._operator import BidiagonalOperator as BidiagonalOperator, ScanSolver as ScanSolver
+from ._operator import (
+    BidiagonalOperator as BidiagonalOperator,
+    ScanSolver as ScanSolver,
+)
 from ._scan import scan as scan
 from ._stats import RESULTS as RESULTS, Stats as Stats
 

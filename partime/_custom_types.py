@@ -4,6 +4,7 @@ from typing import Any, TypeAlias
 
 from jaxtyping import Array, Float, PyTree
 
+
 Carry: TypeAlias = PyTree[Any]
 Inputs: TypeAlias = PyTree[Any]
 State: TypeAlias = Float[Array, " d"]

@@ -1,11 +1,11 @@
 """The fixed-point solve of a whole sequence, and its implicit derivative.
 
-Solves `r_t = s_t - f(s_{t-1}, x_t) = 0`, `t = 1..T`, for `s_1..s_T` given `s_0`, by the
-iterations of an [`partime.AbstractMethod`][], with an exact sequential fallback from the
-converged prefix. Derivatives never unroll the iterations: at the solution, the implicit
-function theorem gives `L ṡ = ∂f/∂(s_0, x, θ) · (ṡ_0, ẋ, θ̇)` with the Newton operator `L`
-(block lower-bidiagonal, `A_t = ∂f/∂s_{t-1}`), one parallel scan through lineax. Reverse
-mode is JAX's transpose of that rule: one reverse scan.
+Solves `r_t = s_t - f(s_{t-1}, x_t) = 0`, `t = 1..T`, for `s_1..s_T` given `s_0`,
+by the iterations of an [`partime.AbstractMethod`][], with an exact sequential fallback
+from the converged prefix. Derivatives never unroll the iterations: at the solution, the
+implicit function theorem gives `L ṡ = ∂f/∂(s_0, x, θ) · (ṡ_0, ẋ, θ̇)` with the Newton
+operator `L` (block lower-bidiagonal, `A_t = ∂f/∂s_{t-1}`), one parallel scan through
+lineax. Reverse mode is JAX's transpose of that rule: one reverse scan.
 """
 
 from collections.abc import Callable
@@ -184,7 +184,8 @@ def fixed_point_solve(
     """
     if not isinstance(method, AbstractMethod):
         raise TypeError(
-            f"`method` must be a partime method (e.g. `partime.Newton()`), got {method!r}."
+            "`method` must be a partime method (e.g. `partime.Newton()`), got "
+            f"{method!r}."
         )
     init = jnp.asarray(init)
     if init.ndim != 1 or not jnp.issubdtype(init.dtype, jnp.inexact):
@@ -199,8 +200,9 @@ def fixed_point_solve(
         lengths.add(length)
     if len(lengths) != 1:
         raise ValueError(
-            "Cannot determine the sequence length: the leaves of `xs` have leading axes "
-            f"{sorted(lengths)}" + ("" if lengths else " (and `length` was not given)")
+            "Cannot determine the sequence length: the leaves of `xs` have leading "
+            f"axes {sorted(lengths)}"
+            + ("" if lengths else " (and `length` was not given)")
             + "."
         )
     (length,) = lengths

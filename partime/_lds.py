@@ -4,8 +4,9 @@ Solves `x_t = A_t x_{t-1} + b_t`, `t = 1..T`, `x_0 = 0`, for all `t` at once wit
 associative scan in `O(log T)` depth, and its transpose `y_t = b_t + A_{t+1}^T y_{t+1}`,
 `y_{T+1} = 0` (a reverse scan), which reverse-mode autodiff needs.
 
-The affine maps `x -> A x + b` compose as `(A_2, b_2) ∘ (A_1, b_1) = (A_2 A_1, A_2 b_1 + b_2)`,
-which is associative; each transition structure below stores only what its `A_t` needs.
+The affine maps `x -> A x + b` compose as
+`(A_2, b_2) ∘ (A_1, b_1) = (A_2 A_1, A_2 b_1 + b_2)`, which is associative; each
+transition structure below stores only what its `A_t` needs.
 """
 
 import abc
@@ -14,6 +15,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
+
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -37,7 +39,9 @@ class AbstractTransition(eqx.Module):
         """`x_t -> A_t^T x_t` for every `t`."""
 
     @abc.abstractmethod
-    def solve(self, b: Float[Array, "T d"], reverse: bool = False) -> Float[Array, "T d"]:
+    def solve(
+        self, b: Float[Array, "T d"], reverse: bool = False
+    ) -> Float[Array, "T d"]:
         """Forward: `x_t = A_t x_{t-1} + b_t`, `x_0 = 0`.
         Reverse (the transpose): `y_t = A_{t+1}^T y_{t+1} + b_t`, `y_{T+1} = 0`.
         """

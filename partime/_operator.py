@@ -7,8 +7,8 @@ lower-bidiagonal operator
 
 where `A_t = ∂f_t/∂s_{t-1}` and `D_t = I` for explicit recurrences (implicit steps have
 `D_t ≠ I`). Solving `L x = b` is the linear dynamical system
-`x_t = D_t^{-1} A_t x_{t-1} + D_t^{-1} b_t`: an associative scan. [`ScanSolver`][] runs it
-and supplies its transpose (a reverse scan), so that `lineax.linear_solve` — and
+`x_t = D_t^{-1} A_t x_{t-1} + D_t^{-1} b_t`: an associative scan. [`ScanSolver`][] runs
+it and supplies its transpose (a reverse scan), so that `lineax.linear_solve` — and
 reverse-mode autodiff through it — work with the parallel solve.
 """
 
@@ -36,7 +36,8 @@ def _shift_back(x: Array) -> Array:
 def _block_solve(
     blocks: Float[Array, "T d d"], rhs: Float[Array, "T d ..."], transpose: bool
 ) -> Array:
-    """Solves `D_t z_t = rhs_t` (or `D_t^T z_t = rhs_t`) for every `t` with lineax's LU."""
+    """Solves `D_t z_t = rhs_t` (or `D_t^T z_t = rhs_t`) for every `t`, with lineax's
+    LU."""
 
     def solve_one(block, r):
         operator = lx.MatrixLinearOperator(block.T if transpose else block)

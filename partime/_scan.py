@@ -40,8 +40,8 @@ def scan(
 
     **Arguments:**
 
-    - `f`, `init`, `xs`, `length`, `reverse`: as for `jax.lax.scan`. The carry may be any
-        PyTree of floating-point arrays.
+    - `f`, `init`, `xs`, `length`, `reverse`: as for `jax.lax.scan`. The carry may be
+        any PyTree of floating-point arrays.
     - `method`: the fixed-point method: [`partime.Newton`][] (default),
         [`partime.QuasiNewton`][], [`partime.Picard`][], [`partime.Jacobi`][].
     - `guess`: a first guess for the carries `c_1..c_T`, stacked along a leading axis
@@ -90,9 +90,10 @@ def scan(
         carry, _ = f(unravel(state), x)
         return ravel_pytree(carry)[0]
 
-    guess_flat = None if guess is None else jax.vmap(lambda c: ravel_pytree(c)[0])(guess)
+    if guess is not None:
+        guess = jax.vmap(lambda c: ravel_pytree(c)[0])(guess)
     states, stats = fixed_point_solve(
-        step, init_flat, xs, method, length=length, guess=guess_flat
+        step, init_flat, xs, method, length=length, guess=guess
     )
     if throw:
         states = stats.result.error_if(states, stats.result != RESULTS.successful)

@@ -18,8 +18,8 @@ class RESULTS(eqxi.Enumeration):
     max_iters_reached = (
         "The parallel iteration did not converge within `max_iters` iterations and the "
         "sequential fallback is switched off (`fallback=False`). Increase `max_iters`, "
-        "pick a more robust method (e.g. `partime.Newton`), use shorter windows, or set "
-        "`fallback=True` to finish the computation sequentially."
+        "pick a more robust method (e.g. `partime.Newton`), use shorter windows, or "
+        "set `fallback=True` to finish the computation sequentially."
     )
     diverged = (
         "The parallel iteration diverged (it produced NaN or infinite values) and the "

@@ -11,6 +11,7 @@ from jaxtyping import Array, Float, PyTree
 
 from .._lds import AbstractTransition
 
+
 Step = Callable[[Float[Array, " d"], PyTree[Any]], Float[Array, " d"]]
 
 
@@ -37,9 +38,9 @@ class AbstractMethod(eqx.Module):
         component, both the update and the residual `r_t = s_t - f_t(s_{t-1})` are at
         most `atol + rtol·|s_t|`. `None` picks a default from the dtype (1e-10 in
         float64, ~1e-5 in float32).
-    - `max_iters`: the iteration cap (`None`: the method's default). It is also capped at
-        `T`: the undamped methods fix at least one more step per iteration, so they are
-        exact after `T` iterations.
+    - `max_iters`: the iteration cap (`None`: the method's default). It is also capped
+        at `T`: the undamped methods fix at least one more step per iteration, so they
+        are exact after `T` iterations.
     - `fallback`: if the iteration has not converged (cap reached, or NaN/inf produced),
         compute the steps after the converged prefix sequentially, so that the answer is
         still exact (`True`, default); or report failure (`False`).

@@ -7,10 +7,10 @@ from .base import AbstractMethod
 class Jacobi(AbstractMethod):
     """Jacobi iteration: `Ã_t = 0`, i.e. `s^{(i+1)}_t = f_t(s^{(i)}_{t-1})`.
 
-    Every step is evaluated in parallel from the previous iterate; no scan, no Jacobians.
-    It fixes at least one more step per iteration, and converges in far fewer than `T`
-    iterations only when information is forgotten quickly along the sequence (strongly
-    contracting maps, feed-forward stacks).
+    Every step is evaluated in parallel from the previous iterate; no scan, no
+    Jacobians. It fixes at least one more step per iteration, and converges in far
+    fewer than `T` iterations only when information is forgotten quickly along the
+    sequence (strongly contracting maps, feed-forward stacks).
 
     **Arguments:** `rtol`, `atol`, `max_iters` (default 200), `fallback`; see
     [`partime.AbstractMethod`][].

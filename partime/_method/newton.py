@@ -7,10 +7,11 @@ from .base import AbstractMethod
 class Newton(AbstractMethod):
     """Newton's method over the whole sequence (DEER).
 
-    The transition is the full Jacobian `Ã_t = ∂f_t/∂s_{t-1}`, computed with forward-mode
-    autodiff. Converges quadratically — typically in 3–6 iterations on contracting
-    problems, nearly independently of `T` — at the price of `O(T d²)` memory and `O(d³)`
-    work per scan combine. The method of choice for small and moderate `d`.
+    The transition is the full Jacobian `Ã_t = ∂f_t/∂s_{t-1}`, computed with
+    forward-mode autodiff. Converges quadratically — typically in 3–6 iterations on
+    contracting problems, nearly independently of `T` — at the price of `O(T d²)`
+    memory and `O(d³)` work per scan combine. The method of choice for small and
+    moderate `d`.
 
     **Arguments:** `rtol`, `atol`, `max_iters` (default 50), `fallback`; see
     [`partime.AbstractMethod`][].

@@ -29,9 +29,10 @@ def jacobian_diagonal(step, prev, xs, batch_size):
 class QuasiNewton(AbstractMethod):
     """Quasi-Newton over the whole sequence (quasi-DEER): `Ã_t = diag(∂f_t/∂s_{t-1})`.
 
-    Memory and scan work are `O(T d)` instead of Newton's `O(T d²)` and `O(T d³)`, at the
-    price of more iterations (linear rather than quadratic convergence). The diagonal is
-    computed by forward-mode products, `jacobian_batch_size` basis vectors at a time.
+    Memory and scan work are `O(T d)` instead of Newton's `O(T d²)` and `O(T d³)`, at
+    the price of more iterations (linear rather than quadratic convergence). The
+    diagonal is computed by forward-mode products, `jacobian_batch_size` basis vectors
+    at a time.
 
     **Arguments:** `rtol`, `atol`, `max_iters` (default 200), `fallback`; see
     [`partime.AbstractMethod`][]; and
