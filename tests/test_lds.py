@@ -1,0 +1,83 @@
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import pytest
+
+import partime
+
+
+T, D = 64, 5
+
+
+def _transitions(key, scale):
+    """One of each structure, with spectral radius about `scale`."""
+    k1, k2 = jr.split(key)
+    dense = scale * jr.normal(k1, (T, D, D)) / jnp.sqrt(D)
+    diagonal = scale * jr.uniform(k2, (T, D), minval=-1.0, maxval=1.0)
+    return {
+        "dense": partime.DenseTransition(dense),
+        "diagonal": partime.DiagonalTransition(diagonal),
+        "identity": partime.IdentityTransition(T, D, jnp.float64),
+        "zero": partime.ZeroTransition(T, D, jnp.float64),
+    }
+
+
+@pytest.mark.parametrize("structure", ["dense", "diagonal", "identity", "zero"])
+@pytest.mark.parametrize("scale", [0.5, 1.2], ids=["stable", "unstable"])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_solve_matches_sequential(getkey, structure, scale, reverse):
+    transition = _transitions(getkey(), scale)[structure]
+    b = jr.normal(getkey(), (T, D))
+    parallel = transition.solve(b, reverse=reverse)
+    sequential = partime.sequential_solve(transition, b, reverse=reverse)
+    scale_ = jnp.max(jnp.abs(sequential))
+    assert jnp.max(jnp.abs(parallel - sequential)) <= 1e-11 * scale_
+    assert parallel.dtype == b.dtype
+
+
+@pytest.mark.parametrize("structure", ["dense", "diagonal", "identity"])
+def test_reverse_is_transpose(getkey, structure):
+    """<L^{-1} b, c> == <b, L^{-T} c>: the reverse scan is the transpose."""
+    transition = _transitions(getkey(), 0.9)[structure]
+    b = jr.normal(getkey(), (T, D))
+    c = jr.normal(getkey(), (T, D))
+    lhs = jnp.vdot(transition.solve(b), c)
+    rhs = jnp.vdot(b, transition.solve(c, reverse=True))
+    assert jnp.allclose(lhs, rhs, rtol=1e-12)
+
+
+def test_dense_recurrence_definition(getkey):
+    """Check the forward solve against the recurrence written out by hand."""
+    transition = _transitions(getkey(), 0.8)["dense"]
+    b = jr.normal(getkey(), (T, D))
+    x = transition.solve(b)
+    assert jnp.allclose(x[0], b[0])
+    expected = jnp.einsum("tij,tj->ti", transition.matrices[1:], x[:-1]) + b[1:]
+    assert jnp.allclose(x[1:], expected, rtol=1e-12, atol=1e-12)
+
+
+def test_as_dense(getkey):
+    transitions = _transitions(getkey(), 0.5)
+    x = jr.normal(getkey(), (T, D))
+    for transition in transitions.values():
+        dense = transition.as_dense()
+        assert dense.shape == (T, D, D)
+        assert jnp.allclose(transition.apply(x), jnp.einsum("tij,tj->ti", dense, x))
+        assert jnp.allclose(
+            transition.apply_transpose(x), jnp.einsum("tji,tj->ti", dense, x)
+        )
+
+
+def test_jit_and_vmap(getkey):
+    matrices = 0.5 * jr.normal(getkey(), (3, T, D, D)) / jnp.sqrt(D)
+    b = jr.normal(getkey(), (3, T, D))
+
+    @jax.jit
+    @jax.vmap
+    def solve(a, b):
+        return partime.DenseTransition(a).solve(b)
+
+    out = solve(matrices, b)
+    for i in range(3):
+        expected = partime.sequential_solve(partime.DenseTransition(matrices[i]), b[i])
+        assert jnp.allclose(out[i], expected, rtol=1e-12, atol=1e-12)
