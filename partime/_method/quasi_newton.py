@@ -39,7 +39,7 @@ class QuasiNewton(AbstractMethod):
 
     - `jacobian_batch_size`: how many Jacobian-vector products to evaluate at once when
         computing the diagonal. `None` picks the largest that keeps the intermediate
-        under about `2^24` numbers (`batch_size · T · d`).
+        under about `2^22` numbers (`batch_size · T · d`).
 
     ??? cite "Reference"
 
@@ -67,7 +67,7 @@ class QuasiNewton(AbstractMethod):
     def linearise(self, step, prev, xs):
         length, size = prev.shape
         if self.jacobian_batch_size is None:
-            batch_size = max(1, min(size, 2**24 // max(1, length * size)))
+            batch_size = max(1, min(size, 2**22 // max(1, length * size)))
         else:
             batch_size = self.jacobian_batch_size
         f = jax.vmap(step)(prev, xs)
