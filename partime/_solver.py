@@ -1,0 +1,472 @@
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.flatten_util as jfu
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+from diffrax._term import AdjointTerm  # private: only to reject `BacksolveAdjoint`
+from equinox.internal import ω
+from jaxtyping import Array, Int, PyTree
+
+from ._fixed_point import fixed_point_solve
+from ._method.base import AbstractMethod
+from ._method.newton import Newton
+from ._stats import RESULTS as PARTIME_RESULTS
+
+
+class ParallelSolverState(eqx.Module):
+    """Statistics of a [`partime.ParallelSolver`][] solve, carried as its solver state.
+
+    Retrieve them with `diffrax.SaveAt(..., solver_state=True)`, as `sol.solver_state`.
+    Both counters cover the *accepted* windows only: diffrax rolls the solver state back
+    when an adaptive step size controller rejects a window.
+
+    **Attributes:**
+
+    - `num_iterations`: total fixed-point iterations over all accepted windows.
+    - `num_fallbacks`: number of accepted windows whose fixed-point iteration did not
+        converge within its cap and was finished by the exact sequential fallback.
+    """
+
+    num_iterations: Int[Array, ""]
+    num_fallbacks: Int[Array, ""]
+
+
+def _inner_grid(t0, t1, num_steps: int) -> Array:
+    """The inner step times of the window `[t0, t1]`: `num_steps + 1` evenly spaced
+    points, the last one exactly `t1`. The solver's `step` and its interpolation both
+    call this, so that they agree bit for bit."""
+    t0 = jnp.asarray(t0)
+    t1 = jnp.asarray(t1)
+    dtype = jnp.result_type(t0, t1)
+    fraction = (jnp.arange(num_steps + 1) / num_steps).astype(dtype)
+    ts = t0 + (t1 - t0) * fraction
+    return ts.at[-1].set(t1)
+
+
+class AbstractWindowInterpolation(diffrax.AbstractLocalInterpolation):
+    """Dense output over one window: finds the inner step that holds `t` and defers to
+    the inner solver's own interpolation there."""
+
+    t0: Any
+    t1: Any
+    # The inner steps' dense infos, stacked on a leading axis of length `num_steps`.
+    infos: PyTree[Array]
+
+    @property
+    def num_steps(self) -> int:
+        return jtu.tree_leaves(self.infos)[0].shape[0]
+
+    def _make_inner(self, t0, t1, info) -> diffrax.AbstractLocalInterpolation:
+        raise NotImplementedError
+
+    def _local(self, t, left: bool) -> diffrax.AbstractLocalInterpolation:
+        ts = _inner_grid(self.t0, self.t1, self.num_steps)
+        # Same convention as `diffrax.DenseInterpolation`: at an inner grid point,
+        # `left=True` picks the step that ends there.
+        index = jnp.searchsorted(ts, t, side="left" if left else "right")
+        index = jnp.clip(index - 1, 0, self.num_steps - 1)
+        info = jtu.tree_map(lambda x: x[index], self.infos)
+        return self._make_inner(ts[index], ts[index + 1], info)
+
+    def evaluate(self, t0, t1=None, left: bool = True) -> PyTree[Array]:
+        if t1 is not None:
+            return (
+                self.evaluate(t1, left=left) ** ω - self.evaluate(t0, left=left) ** ω
+            ).ω
+        return self._local(t0, left).evaluate(t0, left=left)
+
+    def derivative(self, t, left: bool = True) -> PyTree[Array]:
+        return self._local(t, left).derivative(t, left=left)
+
+
+@functools.cache
+def _window_interpolation_cls(
+    inner_interpolation_cls: Callable[..., diffrax.AbstractLocalInterpolation],
+) -> type[AbstractWindowInterpolation]:
+    # Cached so that each inner interpolation gets one class with a stable identity:
+    # `diffrax.DenseInterpolation` keeps it as a static field.
+    class WindowInterpolation(AbstractWindowInterpolation):
+        t0: Any
+        t1: Any
+        infos: PyTree[Array]
+
+        def _make_inner(self, t0, t1, info):
+            return inner_interpolation_cls(t0=t0, t1=t1, **info)
+
+    name = getattr(inner_interpolation_cls, "__qualname__", "interpolation")
+    WindowInterpolation.__qualname__ = f"WindowInterpolation[{name}]"
+    WindowInterpolation.__name__ = WindowInterpolation.__qualname__
+    return WindowInterpolation
+
+
+def _with_bounded_scan(solver: diffrax.AbstractSolver) -> diffrax.AbstractSolver:
+    """diffrax's Runge--Kutta and SRK solvers run their stages through a checkpointed
+    `custom_vjp` loop by default, which `jax.jacfwd` and our implicit JVP cannot pass;
+    `scan_kind="lax"` (a `lax.while_loop`) passes forward mode but cannot be transposed,
+    which reverse mode does to our JVP rule. `"bounded"` supports both, as for
+    diffrax's own `DirectAdjoint`."""
+    # `type(...)`, not `isinstance`: diffrax forwards `isinstance` through wrappers.
+    if issubclass(type(solver), diffrax.AbstractWrappedSolver):
+        return eqx.tree_at(
+            lambda s: s.solver, solver, _with_bounded_scan(solver.solver)
+        )
+    if issubclass(type(solver), (diffrax.AbstractRungeKutta, diffrax.AbstractSRK)):
+        return eqx.tree_at(
+            lambda s: s.scan_kind, solver, "bounded", is_leaf=lambda x: x is None
+        )
+    return solver
+
+
+def _flat_step(solver, terms, args, unravel) -> Callable:
+    """One inner step `(y_{k-1}, (t_{k-1}, t_k)) -> y_k` on flat states: the map whose
+    iterates the fixed-point solve looks for.
+
+    Explicit Runge--Kutta steps are evaluated here from the solver's (public) Butcher
+    tableau: straight-line code that `jax.jacfwd` and reverse mode pass cheaply, where
+    diffrax's `step` runs a loop over the stages; and the stages that do not enter
+    `y_k` (the first-same-as-last stage of Tsit5, Dopri5, ...; only the error estimate
+    and dense output use it) are skipped. Other solvers take their own `init` + `step`
+    per inner step. Either way diffrax's `step` is evaluated once more at the converged
+    states, for the error estimates and dense output.
+    """
+    # `type(...)`, not `isinstance`: diffrax forwards `isinstance` through wrappers.
+    tableau = getattr(solver, "tableau", None)
+    if not (
+        issubclass(type(solver), diffrax.AbstractERK)
+        and isinstance(tableau, diffrax.ButcherTableau)
+    ):
+
+        def diffrax_step(y_flat, x):
+            ta, tb = x
+            y = unravel(y_flat)
+            state = solver.init(terms, ta, tb, y, args)
+            y1, *_ = solver.step(terms, ta, tb, y, args, state, made_jump=False)
+            return jfu.ravel_pytree(y1)[0]
+
+        return diffrax_step
+
+    b_sol = np.asarray(tableau.b_sol)
+    num_stages = int(np.flatnonzero(b_sol)[-1]) + 1
+
+    def combine(y_flat, coefficients, ks):
+        terms_ = [c * k for c, k in zip(coefficients, ks) if c != 0]
+        return y_flat + sum(terms_[1:], terms_[0]) if terms_ else y_flat
+
+    def erk_step(y_flat, x):
+        ta, tb = x
+        control = terms.contr(ta, tb)
+        ks = []
+        for i in range(num_stages):
+            if i == 0:
+                ti, yi = ta, y_flat
+            else:
+                ci = float(tableau.c[i - 1])
+                ti = tb if ci == 1 else ta + ci * (tb - ta)
+                yi = combine(y_flat, tableau.a_lower[i - 1].tolist(), ks)
+            ki = terms.vf_prod(ti, unravel(yi), args, control)
+            ks.append(jfu.ravel_pytree(ki)[0].astype(y_flat.dtype))
+        return combine(y_flat, b_sol.tolist(), ks)
+
+    return erk_step
+
+
+def _check_terms(terms) -> None:
+    is_special = lambda x: isinstance(x, (AdjointTerm, diffrax.AbstractBrownianPath))
+    for leaf in jtu.tree_leaves(terms, is_leaf=is_special):
+        if isinstance(leaf, AdjointTerm):
+            raise ValueError(
+                "`partime.ParallelSolver` does not support "
+                "`adjoint=diffrax.BacksolveAdjoint()`: its backward solve would "
+                "run over an augmented state holding every parameter, making each "
+                "window's Jacobians huge. Use the default "
+                "`diffrax.RecursiveCheckpointAdjoint()`, or "
+                "`diffrax.DirectAdjoint()` or `diffrax.ForwardMode()`: all three "
+                "differentiate each window implicitly, in parallel over time."
+            )
+        if isinstance(leaf, diffrax.AbstractBrownianPath):
+            raise ValueError(
+                "`partime.ParallelSolver` does not support SDEs (terms driven by a "
+                "Brownian motion) yet. Solve them with a sequential diffrax solver."
+            )
+
+
+def _check_inner_solver(solver: Any) -> None:
+    if not isinstance(solver, diffrax.AbstractSolver):
+        raise TypeError(
+            "`partime.ParallelSolver(solver=...)` must be a diffrax solver such as "
+            f"`diffrax.Tsit5()`; got {solver!r}."
+        )
+    if isinstance(solver, ParallelSolver):
+        raise ValueError(
+            "`partime.ParallelSolver` cannot wrap another `ParallelSolver`: raise "
+            "`num_steps` instead."
+        )
+    if isinstance(solver, diffrax.AbstractImplicitSolver):
+        raise ValueError(
+            "`partime.ParallelSolver` does not support implicit (or IMEX) inner "
+            f"solvers such as `{type(solver).__name__}` yet. Use an explicit solver: "
+            "`diffrax.Tsit5()`, `diffrax.Dopri5()`, `diffrax.Dopri8()`, "
+            "`diffrax.Bosh3()`, `diffrax.Heun()`, `diffrax.Euler()`, ..."
+        )
+    if isinstance(solver, (diffrax.ReversibleHeun, diffrax.LeapfrogMidpoint)):
+        raise ValueError(
+            f"`{type(solver).__name__}` carries information from step to step besides "
+            "the solution, so its steps cannot be solved in parallel. Use a one-step "
+            "solver such as `diffrax.Tsit5()` or `diffrax.Heun()`."
+        )
+
+
+def _marked_class(solver: Any) -> type["ParallelSolver"]:
+    ito = isinstance(solver, diffrax.AbstractItoSolver)
+    stratonovich = isinstance(solver, diffrax.AbstractStratonovichSolver)
+    return _MARKED_CLASSES[ito, stratonovich]
+
+
+class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
+    r"""Solves a differential equation with any one-step diffrax solver, *in parallel
+    over time*.
+
+    Each diffrax step of this solver, from `t0` to `t0 + dt0`, is a *window* of
+    `num_steps` equal steps of the inner `solver`. The window's steps are written as one
+    nonlinear system `y_k = step(y_{k-1})`, `k = 1..num_steps`, and solved all at once
+    by `method` (a fixed-point iteration whose linear part is a parallel associative
+    scan), so that the cost grows like `log(num_steps)` in depth instead of
+    `num_steps`. The result is the inner solver's own solution on that grid, to the
+    iteration's tolerance; a window whose iteration does not converge within its cap is
+    finished exactly by a sequential pass from its converged prefix.
+
+    ```python
+    term = diffrax.ODETerm(lambda t, y, args: -y)
+    solver = partime.ParallelSolver(diffrax.Tsit5(), num_steps=1000)
+    # One window over the whole horizon: 1000 Tsit5 steps of length 0.001.
+    sol = diffrax.diffeqsolve(term, solver, t0=0, t1=1, dt0=1, y0=1.0)
+    ```
+
+    !!! warning "`dt0` is the window length"
+
+        `dt0` (or the `ts` of `diffrax.StepTo`) sets the length of a *window*; the
+        inner step is `dt0 / num_steps`. `dt0 = t1 - t0` makes the whole horizon one
+        parallel window, which is usually what you want. Passing the fine step you
+        would give a sequential solver as `dt0` instead makes every one of those steps
+        a window of `num_steps` substeps: `num_steps` times more work, solved window
+        after window, with little parallelism. Likewise `max_steps` counts windows.
+
+    **Output and statistics.**
+
+    - `SaveAt(ts=...)` and `SaveAt(dense=True)` use the inner solver's interpolation
+        on the inner step that holds `t`, so they resolve the inner grid; in
+        particular `SaveAt(ts=...)` at the inner grid returns every inner step.
+        `SaveAt(steps=True)` saves window ends only. `SaveAt(dense=True)` preallocates
+        `max_steps` dense infos, each now holding a whole window: set a tight
+        `max_steps`.
+    - Events look for sign changes at window ends only: a crossing that re-crosses
+        within one window is missed. Use smaller windows to resolve it.
+    - The error estimate of a window (for adaptive step size controllers, which then
+        adapt the window length) is the sum of the magnitudes of its inner steps'
+        error estimates; it scales like the inner solver's, so its `error_order`
+        stays valid. It is `inf` when the window failed (a non-finite value), so that
+        an adaptive controller rejects the window and shrinks it.
+    - With `SaveAt(..., solver_state=True)`, `sol.solver_state` is a
+        `ParallelSolverState` with `num_iterations` (total fixed-point iterations)
+        and `num_fallbacks` (windows that fell back to sequential stepping), summed
+        over accepted windows.
+
+    **Gradients.** Each window is differentiated implicitly (one parallel linear solve
+    at the converged solution, never by unrolling the iterations), so the backward
+    pass is parallel over time too. Use `diffrax.RecursiveCheckpointAdjoint()` (the
+    default), `diffrax.DirectAdjoint()` or `diffrax.ForwardMode()`;
+    `diffrax.BacksolveAdjoint()` is rejected with an error.
+
+    **Supported problems.** ODEs and other deterministic terms (e.g. CDEs with a smooth
+    control), with an explicit one-step inner solver: `Euler`, `Heun`, `Midpoint`,
+    `Ralston`, `Bosh3`, `Tsit5`, `Dopri5`, `Dopri8`, ... Implicit inner solvers and
+    SDEs are not supported yet and raise an error. Any PyTree `y0` is accepted; it is
+    flattened to one vector per step inside the window.
+
+    `ParallelSolver` carries the Itô/Stratonovich marker of its inner solver, so
+    `isinstance(solver, diffrax.AbstractItoSolver)` answers as the inner solver does.
+    (Instances are of a small subclass of `ParallelSolver` for each marker.)
+
+    ??? cite "References"
+
+        ```bibtex
+        @inproceedings{lim2024parallelizing,
+            title={Parallelizing non-linear sequential models over the sequence
+                   length},
+            author={Lim, Yi Heng and Zhu, Qi and Selfridge, Joshua and
+                    Kasim, Muhammad Firmansyah},
+            booktitle={International Conference on Learning Representations},
+            year={2024}
+        }
+        ```
+    """
+
+    solver: diffrax.AbstractSolver
+    num_steps: int = eqx.field(static=True)
+    method: AbstractMethod
+
+    def __new__(
+        cls,
+        solver: diffrax.AbstractSolver | None = None,
+        num_steps: int = 100,
+        method: AbstractMethod | None = None,
+    ):
+        # diffrax decides Itô vs Stratonovich by `isinstance` on the solver, so the
+        # instance must carry the inner solver's marker. One public constructor picks
+        # the final subclass that has it.
+        del num_steps, method
+        return super().__new__(_marked_class(solver))
+
+    def __init__(
+        self,
+        solver: diffrax.AbstractSolver | None = None,
+        num_steps: int = 100,
+        method: AbstractMethod | None = None,
+    ):
+        self.solver = diffrax.Tsit5() if solver is None else solver
+        self.num_steps = num_steps
+        self.method = Newton() if method is None else method
+
+    def __check_init__(self):
+        _check_inner_solver(self.solver)
+        if (
+            isinstance(self.num_steps, bool)
+            or not isinstance(self.num_steps, int)
+            or self.num_steps < 1
+        ):
+            raise ValueError(
+                "`partime.ParallelSolver(num_steps=...)` must be a positive integer "
+                f"(the number of inner steps per window); got {self.num_steps!r}."
+            )
+        if not isinstance(self.method, AbstractMethod):
+            raise TypeError(
+                "`partime.ParallelSolver(method=...)` must be a partime method such as "
+                f"`partime.Newton()`; got {self.method!r}."
+            )
+
+    @property
+    def term_structure(self):
+        return self.solver.term_structure
+
+    @property
+    def term_compatible_contr_kwargs(self):
+        return self.solver.term_compatible_contr_kwargs
+
+    @property
+    def interpolation_cls(self):  # pyright: ignore[reportIncompatibleVariableOverride]
+        return _window_interpolation_cls(self.solver.interpolation_cls)
+
+    def order(self, terms):
+        return self.solver.order(terms)
+
+    def strong_order(self, terms):
+        return self.solver.strong_order(terms)
+
+    def error_order(self, terms):
+        return self.solver.error_order(terms)
+
+    def init(self, terms, t0, t1, y0, args) -> ParallelSolverState:
+        del t0, t1, y0, args
+        _check_terms(terms)
+        zero = jnp.array(0, dtype=jnp.int32)
+        return ParallelSolverState(num_iterations=zero, num_fallbacks=zero)
+
+    def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
+        # Every inner step calls the inner `init` afresh (below), so first-same-as-last
+        # solvers recompute their first stage and a jump at `t0` needs no special care.
+        del made_jump
+        _check_terms(terms)
+        solver = _with_bounded_scan(self.solver)
+        y0_flat, unravel = jfu.ravel_pytree(y0)
+        ts = _inner_grid(t0, t1, self.num_steps)
+        xs = (ts[:-1], ts[1:])
+
+        def inner_step(y_flat, x):
+            ta, tb = x
+            y = unravel(y_flat)
+            state = solver.init(terms, ta, tb, y, args)
+            return solver.step(terms, ta, tb, y, args, state, made_jump=False)
+
+        flat_step = _flat_step(solver, terms, args, unravel)
+        states, stats = fixed_point_solve(flat_step, y0_flat, xs, self.method)
+
+        # One more vectorised pass at the converged states, for the parts of each inner
+        # step the iteration does not keep: its error estimate and dense info.
+        y_prevs = jnp.concatenate([y0_flat[None], states[:-1]])
+        _, y_errors, dense_infos, _, inner_results = jax.vmap(inner_step)(y_prevs, xs)
+        y1 = unravel(states[-1])
+
+        # diffrax's `RESULTS.where` takes diffrax's own members only: translate.
+        result = diffrax.RESULTS.successful
+        for ours, theirs in (
+            (
+                PARTIME_RESULTS.max_iters_reached,
+                diffrax.RESULTS.nonlinear_max_steps_reached,
+            ),
+            (PARTIME_RESULTS.diverged, diffrax.RESULTS.nonlinear_divergence),
+            (PARTIME_RESULTS.nonfinite_input, diffrax.RESULTS.nonfinite),
+        ):
+            result = diffrax.RESULTS.where(stats.result == ours, theirs, result)
+        inner_ok = jnp.all(inner_results == diffrax.RESULTS.successful)
+        first_failure = jnp.argmax(inner_results != diffrax.RESULTS.successful)
+        inner_result = jtu.tree_map(lambda r: r[first_failure], inner_results)
+        result = diffrax.RESULTS.where(inner_ok, result, inner_result)
+        # E.g. a vector field that overflows: the fallback computes it exactly, NaN.
+        finite = jnp.all(jnp.isfinite(states))
+        result = diffrax.RESULTS.where(finite, result, diffrax.RESULTS.nonfinite)
+        ok = result == diffrax.RESULTS.successful
+
+        if y_errors is None:
+            y_error = None
+        else:
+            y_error = jtu.tree_map(
+                lambda e: jnp.where(ok, jnp.sum(jnp.abs(e), axis=0), jnp.inf), y_errors
+            )
+        new_state = ParallelSolverState(
+            num_iterations=solver_state.num_iterations
+            + stats.num_iterations.astype(jnp.int32),
+            num_fallbacks=solver_state.num_fallbacks
+            + stats.fell_back.astype(jnp.int32),
+        )
+        return y1, y_error, dict(infos=dense_infos), new_state, result
+
+    def func(self, terms, t0, y0, args):
+        return self.solver.func(terms, t0, y0, args)
+
+
+class _ItoParallelSolver(ParallelSolver, diffrax.AbstractItoSolver):
+    pass
+
+
+class _StratonovichParallelSolver(ParallelSolver, diffrax.AbstractStratonovichSolver):
+    pass
+
+
+class _ItoStratonovichParallelSolver(
+    ParallelSolver, diffrax.AbstractItoSolver, diffrax.AbstractStratonovichSolver
+):
+    pass
+
+
+_MARKED_CLASSES: dict[tuple[bool, bool], type[ParallelSolver]] = {
+    (False, False): ParallelSolver,
+    (True, False): _ItoParallelSolver,
+    (False, True): _StratonovichParallelSolver,
+    (True, True): _ItoStratonovichParallelSolver,
+}
+ParallelSolver.__init__.__doc__ = """**Arguments:**
+
+- `solver`: the inner diffrax solver, stepped `num_steps` times per window. An explicit
+    one-step solver; defaults to `diffrax.Tsit5()`.
+- `num_steps`: the number of inner steps per window (static: it fixes array shapes).
+    The inner step is `dt0 / num_steps`.
+- `method`: the fixed-point method that solves each window: `partime.Newton()` (the
+    default), `partime.QuasiNewton()`, `partime.Picard()` or `partime.Jacobi()`, with
+    its tolerances and iteration cap.
+"""
