@@ -19,6 +19,10 @@ from ._operator import (
     ScanSolver as ScanSolver,
 )
 from ._scan import scan as scan
+from ._solver import (
+    ParallelSolver as ParallelSolver,
+    ParallelSolverState as ParallelSolverState,
+)
 from ._stats import RESULTS as RESULTS, Stats as Stats
 
 
