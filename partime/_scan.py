@@ -1,18 +1,19 @@
 """`partime.scan`: a drop-in for `jax.lax.scan` that runs in parallel over time."""
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from jax.flatten_util import ravel_pytree
-from jaxtyping import PyTree
+from jaxtyping import ArrayLike, PyTree
 
 from ._fixed_point import fixed_point_solve
 from ._method.base import AbstractMethod
 from ._method.newton import Newton
 from ._stats import RESULTS, Stats
+from ._windowed import windowed_solve, WindowStats
 
 
 def _flip(tree: PyTree) -> PyTree:
@@ -30,7 +31,10 @@ def scan(
     guess: PyTree = None,
     return_stats: bool = False,
     throw: bool = True,
-) -> tuple[PyTree, PyTree] | tuple[PyTree, PyTree, Stats]:
+    window: int | None = None,
+    schedule: Literal["sliding", "blocks"] = "sliding",
+    tolerance_scale: ArrayLike | None = None,
+) -> tuple[PyTree, PyTree] | tuple[PyTree, PyTree, Stats | WindowStats]:
     """Evaluates `jax.lax.scan(f, init, xs, length, reverse)` in parallel over time.
 
     The carries `c_1..c_T` of the recurrence `(c_t, y_t) = f(c_{t-1}, x_t)` are found
@@ -50,6 +54,10 @@ def scan(
     - `return_stats`: also return a [`partime.Stats`][].
     - `throw`: raise an error if the solve failed (only possible with
         `fallback=False`, or a non-finite `init`). If `False`, check `stats.result`.
+    - `window`, `schedule`, `tolerance_scale`: solve `window` steps at a time, by a
+        sliding window or by fixed blocks, optionally with per-step tolerance factors
+        (given in the order of `xs`); memory then stays bounded for any horizon, and
+        `stats` is a [`partime.WindowStats`][]. See [`partime.windowed_solve`][].
 
     **Returns:** `(final_carry, ys)`, or `(final_carry, ys, stats)`.
 
@@ -92,9 +100,24 @@ def scan(
 
     if guess is not None:
         guess = jax.vmap(lambda c: ravel_pytree(c)[0])(guess)
-    states, stats = fixed_point_solve(
-        step, init_flat, xs, method, length=length, guess=guess
-    )
+    if window is None and tolerance_scale is None:
+        states, stats = fixed_point_solve(
+            step, init_flat, xs, method, length=length, guess=guess
+        )
+    else:
+        if reverse and tolerance_scale is not None and jnp.ndim(tolerance_scale):
+            tolerance_scale = _flip(tolerance_scale)
+        states, stats = windowed_solve(
+            step,
+            init_flat,
+            xs,
+            method,
+            window=window,
+            schedule=schedule,
+            length=length,
+            guess=guess,
+            tolerance_scale=tolerance_scale,
+        )
     if throw:
         states = stats.result.error_if(states, stats.result != RESULTS.successful)
     prev = jnp.concatenate([init_flat[None], states[:-1]])

@@ -1,0 +1,341 @@
+"""Windowed solves (`partime.scan(..., window=W)`): fixed blocks and the sliding
+window, against `jax.lax.scan` and the unwindowed `partime.scan`."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import pytest
+
+import partime
+from partime._windowed import WindowStats
+
+from .helpers import max_rel_error, tree_allclose
+
+
+class Cell(eqx.Module):
+    """A contracting GRU-like cell."""
+
+    w: jax.Array
+    u: jax.Array
+    b: jax.Array
+
+    def __init__(self, size, key):
+        k1, k2, k3 = jr.split(key, 3)
+        self.w = 0.6 * jr.normal(k1, (2, size, size)) / jnp.sqrt(size)
+        self.u = jr.normal(k2, (2, size, size)) / jnp.sqrt(size)
+        self.b = 0.1 * jr.normal(k3, (2, size))
+
+    def __call__(self, h, x):
+        z = jax.nn.sigmoid(self.w[0] @ h + self.u[0] @ x + self.b[0])
+        n = jnp.tanh(self.w[1] @ h + self.u[1] @ x + self.b[1])
+        h = (1 - z) * n + z * h
+        return h, jnp.sum(h**2)
+
+
+def _problem(size, length, seed=0):
+    k1, k2, k3 = jr.split(jr.PRNGKey(seed), 3)
+    return Cell(size, k1), 0.5 * jr.normal(k3, (size,)), jr.normal(k2, (length, size))
+
+
+def _lax_scan(f, init, xs=None, **kwargs):
+    return jax.lax.scan(lambda c, x: f(c, x), init, xs, **kwargs)
+
+
+def _windowed(window, schedule, method=partime.Newton(), **kw):
+    def scan(f, init, xs=None, **kwargs):
+        return partime.scan(
+            f, init, xs, method=method, window=window, schedule=schedule, **kw, **kwargs
+        )
+
+    return scan
+
+
+def _loss(scan_fn, cell, init, xs):
+    final, ys = scan_fn(cell, init, xs)
+    return jnp.sum(ys) + jnp.sum(jnp.sin(final))
+
+
+LENGTH = 203
+# (schedule, window): 16 does not divide T; 1000 > T (for blocks, that is one
+# `fixed_point_solve`). Compared with lax.scan and with the unwindowed solve.
+CONFIGS = [("sliding", 16), ("blocks", 16), ("sliding", 1000)]
+
+
+@pytest.fixture(scope="module")
+def values_case():
+    cell, init, xs = _problem(3, LENGTH)
+    expected = _lax_scan(cell, init, xs)
+    *unwindowed, whole = partime.scan(cell, init, xs, return_stats=True)
+    assert max_rel_error(unwindowed, expected) < 1e-8
+    results = {
+        config: _windowed(*reversed(config), return_stats=True)(cell, init, xs)
+        for config in CONFIGS
+    }
+    return (cell, init, xs), expected, (unwindowed, whole), results
+
+
+@pytest.mark.parametrize("schedule, window", CONFIGS)
+def test_values(values_case, schedule, window):
+    _, expected, (unwindowed, whole), results = values_case
+    *out, stats = results[schedule, window]
+    assert max_rel_error(out, expected) < 1e-8
+    assert max_rel_error(out, unwindowed) < 1e-8
+    assert isinstance(stats, WindowStats)
+    assert stats.result == partime.RESULTS.successful
+    assert stats.window == min(window, LENGTH)
+    assert stats.schedule == schedule
+    assert not stats.fell_back
+    assert int(stats.fallback_start) == LENGTH
+    if window >= LENGTH:
+        # One window: as many iterations as the unwindowed solve (give or take the
+        # one that confirms convergence).
+        assert abs(int(stats.num_iterations) - int(whole.num_iterations)) <= 1
+
+
+def test_sliding_advances_past_converged_steps(values_case):
+    """The sliding window spends no more iterations than the fixed blocks: it moves
+    on as soon as a step converges instead of waiting for the block's far end."""
+    *_, results = values_case
+    *_, sliding = results["sliding", 16]
+    *_, blocks = results["blocks", 16]
+    assert int(blocks.num_advances) == -(-LENGTH // 16)
+    assert int(sliding.num_iterations) <= int(blocks.num_iterations)
+    assert 1 <= int(sliding.num_advances) <= int(sliding.num_iterations)
+
+
+@pytest.mark.parametrize(
+    "method", [partime.QuasiNewton(), partime.Jacobi()], ids=lambda m: type(m).__name__
+)
+def test_other_methods(values_case, method):
+    (cell, init, xs), expected, *_ = values_case
+    *out, stats = _windowed(40, "sliding", method, return_stats=True)(cell, init, xs)
+    assert max_rel_error(out, expected) < 1e-8
+    assert stats.result == partime.RESULTS.successful
+
+
+# Gradients -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gradient_case():
+    args = _problem(3, 100, seed=3)
+    grad = jax.jit(jax.grad(lambda *a: _loss(_lax_scan, *a), argnums=(0, 1, 2)))
+    return args, grad(*args)
+
+
+@pytest.mark.parametrize("schedule", ["sliding", "blocks"])
+def test_gradients(gradient_case, schedule):
+    """With respect to `init`, `xs` and the parameters `f` closes over. W = 30 does
+    not divide T = 100: three blocks and a padded tail."""
+    args, expected = gradient_case
+    scan_fn = _windowed(30, schedule)
+
+    def loss(cell, init, xs):
+        return _loss(scan_fn, lambda h, x: cell(h, x), init, xs)
+
+    got = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(*args)
+    assert max_rel_error(got, expected) < 1e-6
+    assert all(jnp.max(jnp.abs(g)) > 1e-6 for g in jax.tree.leaves(got))
+
+
+def test_forward_mode(gradient_case):
+    (cell, init, xs), _ = gradient_case
+    tangents = jax.tree.map(jnp.ones_like, (cell, init, xs))
+    _, expected = jax.jvp(lambda *a: _loss(_lax_scan, *a), (cell, init, xs), tangents)
+    scan_fn = _windowed(30, "sliding")
+    _, got = jax.jvp(lambda *a: _loss(scan_fn, *a), (cell, init, xs), tangents)
+    assert jnp.allclose(got, expected, rtol=1e-6)
+
+
+def _pytree_step(carry, x):
+    a, (b, c) = carry["a"], carry["bc"]
+    a = jnp.tanh(0.5 * a + 0.3 * b + x["u"])
+    b = 0.8 * b + 0.1 * jnp.sum(a)
+    c = jnp.cos(c) * 0.5
+    return {"a": a, "bc": (b, c)}, (a[0], c)
+
+
+_PYTREE_INIT = {"a": jnp.ones(3), "bc": (jnp.array(0.5), jnp.zeros((2, 2)))}
+
+
+@pytest.mark.parametrize("schedule", ["sliding", "blocks"])
+def test_pytree_carry_reverse(schedule):
+    """PyTree carry, `reverse=True`, and the gradient through it."""
+    xs = {"u": jnp.linspace(-1, 1, 60)[:, None] * jnp.ones(3)}
+    scan_fn = _windowed(7, schedule)
+
+    def loss(scan, init):
+        final, (a0, c) = scan(_pytree_step, init, xs, reverse=True)
+        return jnp.sum(a0) + final["bc"][0] + jnp.sum(c[-1])
+
+    expected = jax.lax.scan(_pytree_step, _PYTREE_INIT, xs, reverse=True)
+    assert tree_allclose(
+        scan_fn(_pytree_step, _PYTREE_INIT, xs, reverse=True), expected
+    )
+    expected = jax.grad(lambda i: loss(jax.lax.scan, i))(_PYTREE_INIT)
+    got = jax.jit(jax.grad(lambda i: loss(scan_fn, i)))(_PYTREE_INIT)
+    assert max_rel_error(got, expected) < 1e-6
+
+
+def test_no_xs():
+    def no_input(carry, _):
+        return jax.tree.map(lambda c: 0.5 * jnp.sin(c), carry), None
+
+    expected = jax.lax.scan(no_input, _PYTREE_INIT, length=50)
+    got = _windowed(8, "sliding")(no_input, _PYTREE_INIT, length=50)
+    assert tree_allclose(got, expected)
+
+
+def test_vmap():
+    cell, _, xs = _problem(3, 80, seed=6)
+    inits = jr.normal(jr.PRNGKey(0), (4, 3))
+    expected = jax.vmap(lambda i: _lax_scan(cell, i, xs))(inits)
+    scan_fn = _windowed(20, "sliding")
+    got = jax.jit(jax.vmap(lambda i: scan_fn(cell, i, xs)))(inits)
+    assert max_rel_error(got, expected) < 1e-8
+
+
+# Failure modes and the fallback ----------------------------------------------------
+
+
+@pytest.mark.parametrize("schedule", ["sliding", "blocks"])
+def test_window_that_does_not_converge_falls_back_exactly(values_case, schedule):
+    """Two Newton iterations cannot converge a window of 40 steps: each window is
+    finished sequentially from its converged prefix, exactly."""
+    (cell, init, xs), expected, *_ = values_case
+    scan_fn = _windowed(40, schedule, partime.Newton(max_iters=2), return_stats=True)
+    *out, stats = scan_fn(cell, init, xs)
+    assert stats.fell_back
+    assert stats.result == partime.RESULTS.successful
+    assert 0 < int(stats.num_sequential_steps) < LENGTH
+    assert int(stats.fallback_start) < LENGTH
+    assert max_rel_error(out, expected) < 1e-8
+
+
+def test_no_fallback_reports_failure(values_case):
+    (cell, init, xs), *_ = values_case
+    method = partime.Newton(max_iters=2, fallback=False)
+    scan_fn = _windowed(40, "blocks", method, throw=False, return_stats=True)
+    *_, stats = scan_fn(cell, init, xs)
+    assert stats.result == partime.RESULTS.max_iters_reached
+    assert not stats.fell_back
+    with pytest.raises(Exception, match="did not converge"):
+        _windowed(40, "sliding", method)(cell, init, xs)
+
+
+def test_divergence_falls_back():
+    """Newton on an explosive recurrence produces inf/NaN iterates: the window is
+    finished sequentially, and the answer is exact."""
+
+    def step(state, _):
+        new = jnp.exp(state) - 1.5
+        return new, new
+
+    init = jnp.array([0.1])
+    expected = jax.lax.scan(step, init, length=40)
+    *out, stats = _windowed(16, "sliding", return_stats=True)(step, init, length=40)
+    assert stats.result == partime.RESULTS.successful
+    assert jnp.allclose(out[1], expected[1], rtol=1e-8)
+
+
+def test_nan_init():
+    cell, init, xs = _problem(2, 20)
+    bad = init.at[0].set(jnp.nan)
+    scan_fn = _windowed(8, "sliding", return_stats=True, throw=False)
+    *_, stats = scan_fn(cell, bad, xs)
+    assert stats.result == partime.RESULTS.nonfinite_input
+
+
+def test_bad_arguments():
+    f = lambda c, x: (c, x)
+    init, xs = jnp.zeros(2), jnp.zeros((5, 1))
+    with pytest.raises(ValueError, match="at least 1"):
+        partime.scan(f, init, xs, window=0)
+    with pytest.raises(TypeError, match="int"):
+        partime.scan(f, init, xs, window=2.5)
+    with pytest.raises(ValueError, match="schedule"):
+        partime.scan(f, init, xs, window=2, schedule="diagonal")
+    with pytest.raises(ValueError, match="sliding"):
+        partime.scan(f, init, xs, window=2, schedule="blocks", tolerance_scale=2.0)
+    with pytest.raises(ValueError, match="shape"):
+        partime.scan(f, init, xs, window=2, tolerance_scale=jnp.ones(4))
+
+
+# Scaled tolerances -----------------------------------------------------------------
+
+
+def _langevin_problem(length, size=2):
+    """Euler–Maruyama for overdamped Langevin dynamics in a quartic well, with the
+    noise drawn beforehand (the set-up of a diffusion sampler)."""
+    dt = 0.01
+    noise = jnp.sqrt(2 * dt) * jr.normal(jr.PRNGKey(1), (length, size))
+
+    def step(x, z):
+        new = x - dt * (x**3 - x) + z
+        return new, new
+
+    return step, jnp.ones(size), noise
+
+
+def test_tolerance_scale():
+    step, init, noise = _langevin_problem(300)
+    expected = jax.lax.scan(step, init, noise)
+
+    @jax.jit
+    def solve(scale):
+        method = partime.Picard(rtol=1e-10, atol=1e-10)
+        kw = dict(window=64, tolerance_scale=scale, return_stats=True)
+        return partime.scan(step, init, noise, method=method, **kw)
+
+    *exact, stats = solve(jnp.ones(300))
+    assert max_rel_error(exact, expected) < 1e-8
+    # Loose at every step, by a factor 1e6: fewer iterations, and the answer is
+    # accurate only to about the scaled tolerance (1e-4), amplified along the way.
+    *loose, loose_stats = solve(jnp.full(300, 1e6))
+    assert int(loose_stats.num_iterations) < int(stats.num_iterations)
+    assert 1e-8 < max_rel_error(loose, expected) < 1e-2
+    # Loose over the first half only: the second half is again tight relative to
+    # its predecessors, and no worse than the loose solve.
+    *half, half_stats = solve(jnp.where(jnp.arange(300) < 150, 1e6, 1.0))
+    assert int(loose_stats.num_iterations) <= int(half_stats.num_iterations)
+    assert max_rel_error(half, expected) < 1e-2
+
+
+def test_tolerance_scale_reverse_is_aligned_with_xs():
+    """The scale is given in the order of `xs`: with `reverse=True`, scaling up the
+    tolerance of the steps processed last (the first entries of `xs`) leaves the
+    steps processed first exact."""
+    step, init, noise = _langevin_problem(200)
+    method = partime.Picard(rtol=1e-10, atol=1e-10)
+    scale = jnp.where(jnp.arange(200) < 100, 1e6, 1.0)
+    expected = jax.lax.scan(step, init, noise, reverse=True)[1]
+    ys = partime.scan(
+        step, init, noise, reverse=True, method=method, window=32, tolerance_scale=scale
+    )[1]
+    assert max_rel_error(ys[100:], expected[100:]) < 1e-8
+    assert max_rel_error(ys, expected) < 1e-2
+
+
+# Memory ----------------------------------------------------------------------------
+
+
+def test_memory_is_bounded_by_the_window():
+    """Newton's unwindowed solve keeps T·d² Jacobian entries; a window of W keeps
+    W·d² of them (plus O(T·d) for the trajectory), forward and reverse."""
+    size, length, window = 128, 4096, 64
+    cell = Cell(size, jr.PRNGKey(0))
+    init = jax.ShapeDtypeStruct((size,), jnp.float64)
+    xs = jax.ShapeDtypeStruct((length, size), jnp.float64)
+
+    def memory(schedule, grad):
+        loss = lambda i, x: _loss(_windowed(window, schedule), cell, i, x)
+        fn = jax.jit(jax.grad(loss) if grad else loss)
+        analysis = fn.lower(init, xs).compile().memory_analysis()
+        if analysis is None:
+            pytest.skip("memory_analysis() is not available on this backend")
+        return analysis.temp_size_in_bytes + analysis.output_size_in_bytes
+
+    jacobians = length * size * size * 8
+    for schedule, grad in (("sliding", False), ("sliding", True), ("blocks", True)):
+        assert memory(schedule, grad) < jacobians / 5, (schedule, grad)
