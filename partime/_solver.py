@@ -1,4 +1,5 @@
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -176,6 +177,42 @@ def _flat_step(solver, terms, args, unravel) -> Callable:
     return erk_step
 
 
+def _coarse_guess(inner_step, flat_step, interpolation_cls, y0_flat, ts, coarse_ts):
+    """The first iterate of a window: the inner solver stepped sequentially over the
+    few long steps `coarse_ts`, and its dense output at the inner grid `ts` (a
+    parareal-style predictor). Kept only if it is finite and its largest residual is
+    below that of the constant guess `y0` (a coarse step may be unstable where the
+    inner step is not)."""
+    ravel = lambda y: jfu.ravel_pytree(y)[0].astype(y0_flat.dtype)
+
+    def coarse_step(y_flat, x):
+        y1, _, info, _, _ = inner_step(y_flat, x)
+        return ravel(y1), info
+
+    _, infos = jax.lax.scan(coarse_step, y0_flat, (coarse_ts[:-1], coarse_ts[1:]))
+    num_coarse = len(coarse_ts) - 1
+    index = jnp.searchsorted(coarse_ts, ts[1:], side="left") - 1
+    index = jnp.clip(index, 0, num_coarse - 1)
+
+    def evaluate(t, i):
+        info = jtu.tree_map(lambda x: x[i], infos)
+        local = interpolation_cls(t0=coarse_ts[i], t1=coarse_ts[i + 1], **info)
+        return ravel(local.evaluate(t))
+
+    coarse = jax.vmap(evaluate)(ts[1:], index)
+    constant = jnp.broadcast_to(y0_flat, coarse.shape)
+
+    def max_residual(guess):
+        prev = jnp.concatenate([y0_flat[None], guess[:-1]])
+        residual = guess - jax.vmap(flat_step)(prev, (ts[:-1], ts[1:]))
+        return jnp.where(
+            jnp.all(jnp.isfinite(residual)), jnp.max(jnp.abs(residual)), jnp.inf
+        )
+
+    use_coarse = max_residual(coarse) < max_residual(constant)
+    return jax.lax.stop_gradient(jnp.where(use_coarse, coarse, constant))
+
+
 def _check_terms(terms) -> None:
     is_special = lambda x: isinstance(x, (AdjointTerm, diffrax.AbstractBrownianPath))
     for leaf in jtu.tree_leaves(terms, is_leaf=is_special):
@@ -240,6 +277,14 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
     `num_steps`. The result is the inner solver's own solution on that grid, to the
     iteration's tolerance; a window whose iteration does not converge within its cap is
     finished exactly by a sequential pass from its converged prefix.
+
+    The iteration starts from a cheap prediction: the inner solver stepped sequentially
+    over `coarse_steps` long steps spanning the window (by default `√num_steps`
+    of them), read off at the inner grid with the inner solver's own interpolation.
+    On smooth problems this is often within tolerance already, and one or two
+    iterations finish the job. The prediction is used only if it is finite and fits
+    the inner steps better (a smaller largest residual) than the constant guess
+    `y(t0)`: coarse steps can be unstable where the inner steps are not.
 
     ```python
     term = diffrax.ODETerm(lambda t, y, args: -y)
@@ -310,17 +355,19 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
     solver: diffrax.AbstractSolver
     num_steps: int = eqx.field(static=True)
     method: AbstractMethod
+    coarse_steps: int | None = eqx.field(static=True)
 
     def __new__(
         cls,
         solver: diffrax.AbstractSolver | None = None,
         num_steps: int = 100,
         method: AbstractMethod | None = None,
+        coarse_steps: int | None = None,
     ):
         # diffrax decides Itô vs Stratonovich by `isinstance` on the solver, so the
         # instance must carry the inner solver's marker. One public constructor picks
         # the final subclass that has it.
-        del num_steps, method
+        del num_steps, method, coarse_steps
         return super().__new__(_marked_class(solver))
 
     def __init__(
@@ -328,10 +375,18 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
         solver: diffrax.AbstractSolver | None = None,
         num_steps: int = 100,
         method: AbstractMethod | None = None,
+        coarse_steps: int | None = None,
     ):
         self.solver = diffrax.Tsit5() if solver is None else solver
         self.num_steps = num_steps
         self.method = Newton() if method is None else method
+        self.coarse_steps = coarse_steps
+
+    @property
+    def _num_coarse_steps(self) -> int:
+        if self.coarse_steps is None:
+            return max(1, math.ceil(math.sqrt(self.num_steps)))
+        return self.coarse_steps
 
     def __check_init__(self):
         _check_inner_solver(self.solver)
@@ -343,6 +398,15 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
             raise ValueError(
                 "`partime.ParallelSolver(num_steps=...)` must be a positive integer "
                 f"(the number of inner steps per window); got {self.num_steps!r}."
+            )
+        if self.coarse_steps is not None and (
+            isinstance(self.coarse_steps, bool)
+            or not isinstance(self.coarse_steps, int)
+            or self.coarse_steps < 0
+        ):
+            raise ValueError(
+                "`partime.ParallelSolver(coarse_steps=...)` must be `None` or a "
+                f"non-negative integer; got {self.coarse_steps!r}."
             )
         if not isinstance(self.method, AbstractMethod):
             raise TypeError(
@@ -394,7 +458,21 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
             return solver.step(terms, ta, tb, y, args, state, made_jump=False)
 
         flat_step = _flat_step(solver, terms, args, unravel)
-        states, stats = fixed_point_solve(flat_step, y0_flat, xs, self.method)
+        if self.coarse_steps == 0:
+            guess = None
+        else:
+            coarse_ts = _inner_grid(t0, t1, self._num_coarse_steps)
+            guess = _coarse_guess(
+                inner_step,
+                flat_step,
+                solver.interpolation_cls,
+                y0_flat,
+                ts,
+                coarse_ts,
+            )
+        states, stats = fixed_point_solve(
+            flat_step, y0_flat, xs, self.method, guess=guess
+        )
 
         # One more vectorised pass at the converged states, for the parts of each inner
         # step the iteration does not keep: its error estimate and dense info.
@@ -469,4 +547,8 @@ ParallelSolver.__init__.__doc__ = """**Arguments:**
 - `method`: the fixed-point method that solves each window: `partime.Newton()` (the
     default), `partime.QuasiNewton()`, `partime.Picard()` or `partime.Jacobi()`, with
     its tolerances and iteration cap.
+- `coarse_steps`: the number of sequential steps of the inner solver, each spanning
+    many inner steps, that predict the window's solution as the iteration's first
+    guess. `None` (the default) takes `ceil(sqrt(num_steps))`; `0` starts from the
+    constant `y(t0)` instead, with no sequential work at all (static).
 """

@@ -232,7 +232,8 @@ def test_constant_step_size_uneven():
 
 def test_step_to():
     window_ends = np.array([T0, 0.3, 1.1, T1])
-    solver = partime.ParallelSolver(diffrax.Dopri5(), num_steps=12)
+    # `coarse_steps=0`: the iteration starts from the constant guess.
+    solver = partime.ParallelSolver(diffrax.Dopri5(), num_steps=12, coarse_steps=0)
     sol = _solve(
         solver,
         T0,
@@ -267,6 +268,18 @@ def test_adaptive_windows():
     ref = _solve_on_grid(diffrax.Tsit5(), _inner_grid(window_ends, 10), _Y0)
     _assert_close(sol.ys[0], ref.ys, RTOL_Y)
     _assert_well_behaved(sol.solver_state, num_windows)
+
+
+def test_unstable_coarse_guess():
+    # Stiff enough that the coarse prediction (10 steps of 0.2) blows up while the
+    # inner steps (0.02) are stable: the solver must notice and start from `y0`.
+    term = diffrax.ODETerm(lambda t, y, args: -50.0 * (y - jnp.cos(t)))
+    solver = partime.ParallelSolver(diffrax.Tsit5(), num_steps=100)
+    sol = _solve(solver, T0, T1, T1 - T0, _Y0, term=term)
+    grid = _inner_grid(np.array([T0, T1]), 100)
+    ref = _solve_on_grid(diffrax.Tsit5(), grid, _Y0, term=term)
+    _assert_close(sol.ys, ref.ys, RTOL_Y)
+    _assert_well_behaved(sol.solver_state, 1, max_iters_per_window=4)
 
 
 def _pytree_vf(t, y, args):
@@ -477,6 +490,12 @@ def test_nan_y0():
 def test_bad_num_steps(num_steps):
     with pytest.raises(ValueError, match="num_steps"):
         partime.ParallelSolver(num_steps=num_steps)
+
+
+@pytest.mark.parametrize("coarse_steps", [-1, 2.5, True])
+def test_bad_coarse_steps(coarse_steps):
+    with pytest.raises(ValueError, match="coarse_steps"):
+        partime.ParallelSolver(coarse_steps=coarse_steps)
 
 
 @pytest.mark.parametrize(
