@@ -1,0 +1,359 @@
+"""The linear dynamical system solve with the time axis split over devices.
+
+Each of the `P` devices on a mesh axis holds a chunk of `C = T / P` consecutive steps.
+The solve of `x_t = A_t x_{t-1} + b_t` then takes three stages:
+
+1. every device scans its own chunk from a zero incoming state (an associative scan of
+    depth `O(log C)`), which gives the local solution `x̂_t` and the cumulative
+    transitions `Φ_t = A_t ⋯ A_{first}`, so that `x_t = x̂_t + Φ_t z` for the true
+    incoming state `z`. The chunk's last pair `(Φ_C, x̂_C)` is its *affine summary*: the
+    map from the state entering the chunk to the state leaving it;
+2. the `P` summaries are gathered on every device (`lax.all_gather`: `P·(d² + d)`
+    numbers for dense transitions, `P·2d` for diagonal ones) and composed by a scan of
+    `P` elements, which gives every chunk's incoming state;
+3. every device applies its incoming state, `x_t = x̂_t + Φ_t z`.
+
+No device ever sees another device's `T·d` data. The transpose (the reverse scan, used
+by reverse-mode autodiff) shards the same way, with one extra `lax.ppermute` of the next
+chunk's first transition (`d²` numbers), because `y_t = A_{t+1}^T y_{t+1} + b_t`
+reaches one step into the next chunk.
+
+[`partime.ShardedScanSolver`][] exposes this as a `lineax` solver for a
+[`partime.BidiagonalOperator`][] whose arrays are sharded over the time axis.
+"""
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import lineax as lx
+from jax.sharding import AxisType, Mesh, PartitionSpec
+from jaxtyping import Array, Float
+
+from ._lds import (
+    AbstractTransition,
+    DenseTransition,
+    DiagonalTransition,
+    IdentityTransition,
+    ZeroTransition,
+)
+from ._operator import _block_solve, BidiagonalOperator
+
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def time_axis(mesh: Any, axis_name: str | None) -> tuple[str, int]:
+    """Checks `mesh` and picks the axis that splits time: `(axis_name, size)`."""
+    if not isinstance(mesh, Mesh):
+        raise TypeError(
+            "`mesh` must be a `jax.sharding.Mesh`, e.g. `jax.make_mesh((8,), "
+            '("time",), axis_types=(jax.sharding.AxisType.Auto,))`; got '
+            f"{type(mesh).__name__}."
+        )
+    if axis_name is None:
+        if len(mesh.axis_names) != 1:
+            raise ValueError(
+                f"The mesh has axes {mesh.axis_names}: pass `axis_name=` to say which "
+                "one splits the time axis."
+            )
+        (axis_name,) = mesh.axis_names
+    if axis_name not in mesh.axis_names:
+        raise ValueError(
+            f"`axis_name={axis_name!r}` is not an axis of the mesh (its axes are "
+            f"{mesh.axis_names})."
+        )
+    # The step function is traced once outside `shard_map` and replayed inside it;
+    # under explicit sharding its operations carry the outer mesh and cannot be
+    # replayed in the manual one.
+    context = jax.sharding.get_abstract_mesh()
+    if AxisType.Explicit in mesh.axis_types or (
+        not context.empty and AxisType.Explicit in context.axis_types
+    ):
+        raise ValueError(
+            "partime's sharded solves need a mesh whose axes are "
+            "`jax.sharding.AxisType.Auto`, used outside any explicit-sharding "
+            "`jax.set_mesh` context: build it as `jax.make_mesh((P,), ('time',), "
+            "axis_types=(jax.sharding.AxisType.Auto,))`."
+        )
+    return axis_name, mesh.shape[axis_name]
+
+
+def filter_shard_map(
+    fn: Callable,
+    mesh: Mesh,
+    in_specs: Sequence[Any],
+    out_specs: Any,
+    check_vma: bool = True,
+) -> Callable:
+    """`jax.shard_map` for arguments that are PyTrees with non-array leaves (equinox
+    modules, closure-converted functions): the arrays go through `shard_map` with the
+    given spec (a prefix of each argument), everything else is closed over. Outputs
+    must be arrays."""
+
+    def wrapped(*args):
+        dynamic, static = eqx.partition(args, eqx.is_array)
+
+        def inner(*dynamic):
+            return fn(*eqx.combine(dynamic, static))
+
+        return jax.shard_map(
+            inner,
+            mesh=mesh,
+            in_specs=tuple(in_specs),
+            out_specs=out_specs,
+            check_vma=check_vma,
+        )(*dynamic)
+
+    return wrapped
+
+
+# A transition's structure, and the arrays that hold its per-step blocks:
+# "dense" (T, d, d); "diagonal" (T, d); "identity" and "zero": None.
+
+
+def _structure(transition: AbstractTransition) -> tuple[str, Array | None]:
+    if isinstance(transition, DenseTransition):
+        return "dense", transition.matrices
+    if isinstance(transition, DiagonalTransition):
+        return "diagonal", transition.diagonals
+    if isinstance(transition, IdentityTransition):
+        return "identity", None
+    if isinstance(transition, ZeroTransition):
+        return "zero", None
+    # Any other structure (its arrays hold the local chunk) goes through dense blocks.
+    return "dense", transition.as_dense()
+
+
+def _compose(kind: str) -> Callable:
+    """`(A_2, b_2) ∘ (A_1, b_1) = (A_2 A_1, A_2 b_1 + b_2)` for the structure."""
+    if kind == "dense":
+
+        def combine(first, second):
+            a1, b1 = first
+            a2, b2 = second
+            a_out = jnp.matmul(a2, a1, precision=_HIGHEST)
+            b_out = jnp.einsum("...ij,...j->...i", a2, b1, precision=_HIGHEST) + b2
+            return a_out, b_out
+
+    else:
+
+        def combine(first, second):
+            a1, b1 = first
+            a2, b2 = second
+            return a2 * a1, a2 * b1 + b2
+
+    return combine
+
+
+def _apply(kind: str, blocks: Array | None, z: Float[Array, " d"]) -> Array:
+    """`Φ_t z` for every `t`."""
+    if kind == "dense":
+        return jnp.einsum("tij,j->ti", blocks, z, precision=_HIGHEST)
+    if kind == "diagonal":
+        return blocks * z
+    return z  # identity; "zero" never gets here
+
+
+def _transition(kind: str, blocks: Array | None, b: Array) -> AbstractTransition:
+    length, size = b.shape
+    if kind == "dense":
+        return DenseTransition(blocks)
+    if kind == "diagonal":
+        return DiagonalTransition(blocks)
+    return IdentityTransition(length, size, b.dtype)
+
+
+def chunk_solve(
+    transition: AbstractTransition,
+    b: Float[Array, "C d"],
+    axis_name: str,
+    num_chunks: int,
+    reverse: bool = False,
+) -> Float[Array, "C d"]:
+    """One device's share of [`partime.AbstractTransition.solve`][] over a time axis
+    split into `num_chunks` chunks on mesh axis `axis_name`. Call inside `shard_map`,
+    with this device's chunk of the transitions and of `b`.
+
+    Forward: `x_t = A_t x_{t-1} + b_t`, `x_0 = 0`; reverse (the transpose):
+    `y_t = A_{t+1}^T y_{t+1} + b_t`, `y_{T+1} = 0`.
+
+    Communication: one `all_gather` of the chunk summaries (`num_chunks·(d² + d)`
+    numbers for dense transitions), and in reverse one `ppermute` of a single block.
+    """
+    kind, blocks = _structure(transition)
+    if kind == "zero":
+        return b  # x_t = b_t: nothing couples the chunks.
+    index = jax.lax.axis_index(axis_name)
+    if reverse and blocks is not None:
+        # The reverse recurrence uses A_{t+1}: the chunk's own blocks from the second
+        # on, then the next chunk's first. The last chunk receives zeros, which multiply
+        # y_{T+1} = 0.
+        following = jax.lax.ppermute(
+            blocks[:1], axis_name, [(i + 1, i) for i in range(num_chunks - 1)]
+        )
+        blocks = jnp.concatenate([blocks[1:], following])
+        if kind == "dense":
+            blocks = jnp.swapaxes(blocks, -1, -2)
+
+    # 1. The chunk on its own, from a zero incoming state.
+    if blocks is None:
+        cumulative, local = None, jax.lax.cumsum(b, axis=0, reverse=reverse)
+    else:
+        cumulative, local = jax.lax.associative_scan(
+            _compose(kind), (blocks, b), reverse=reverse
+        )
+
+    # 2. Every chunk's summary, on every device, composed by a scan over the chunks.
+    # In reverse the information flows from the last chunk: flip, scan forward, flip.
+    end = 0 if reverse else -1
+    summary_b = jax.lax.all_gather(local[end], axis_name)
+    summary_a = None
+    if cumulative is not None:
+        summary_a = jax.lax.all_gather(cumulative[end], axis_name)
+    if reverse:
+        summary_b = jnp.flip(summary_b, axis=0)
+        summary_a = None if summary_a is None else jnp.flip(summary_a, axis=0)
+    ends = _transition(kind, summary_a, summary_b).solve(summary_b)
+    zero = jnp.zeros_like(ends[:1])
+    if reverse:
+        # ends[k] leaves chunk P-1-k; chunk p receives the state leaving chunk p+1.
+        incoming = jnp.concatenate([zero, ends])[num_chunks - 1 - index]
+    else:
+        incoming = jnp.concatenate([zero, ends])[index]
+
+    # 3. The incoming state through the chunk.
+    return local + _apply(kind, cumulative, incoming)
+
+
+def sharded_solve(
+    transition: AbstractTransition,
+    b: Float[Array, "T d"],
+    *,
+    mesh: Mesh,
+    axis_name: str | None = None,
+    reverse: bool = False,
+) -> Float[Array, "T d"]:
+    """[`partime.AbstractTransition.solve`][] with the time axis split over the devices
+    of one mesh axis.
+
+    **Arguments:**
+
+    - `transition`, `b`, `reverse`: as for `transition.solve(b, reverse)`. `T` must be a
+        multiple of the number of devices on the axis.
+    - `mesh`: a `jax.sharding.Mesh`.
+    - `axis_name`: the mesh axis that splits time; may be omitted on a 1-D mesh.
+
+    **Returns:** the solution, shape `(T, d)`, sharded over `axis_name`.
+    """
+    axis_name, num_chunks = time_axis(mesh, axis_name)
+    length = b.shape[0]
+    if length % num_chunks != 0:
+        raise ValueError(
+            f"The sequence length {length} is not a multiple of the {num_chunks} "
+            f"devices on mesh axis {axis_name!r}."
+        )
+    spec = PartitionSpec(axis_name)
+    solve = filter_shard_map(
+        functools.partial(
+            chunk_solve, axis_name=axis_name, num_chunks=num_chunks, reverse=reverse
+        ),
+        mesh,
+        in_specs=(spec, spec),
+        out_specs=spec,
+    )
+    return solve(transition, b)
+
+
+class ShardedScanSolver(lx.AbstractLinearSolver):
+    """Solves a [`partime.BidiagonalOperator`][] with the time axis split over the
+    devices of one mesh axis: [`partime.ScanSolver`][] across devices.
+
+    Each device scans its own chunk; the chunks' affine summaries (`O(P·d²)` numbers
+    in all) are gathered and composed by a scan over the `P` chunks. Its `transpose` is
+    the reverse scan, sharded the same way.
+
+    Two things to know. The `shard_map` runs inside lineax's solve primitive, where
+    `jax.jit` cannot see it: give the operator and vector shardings on the mesh (e.g.
+    `jax.device_put(..., NamedSharding(mesh, PartitionSpec("time")))`), so that the
+    compiled program spans the mesh. And reverse mode through `lineax.linear_solve`
+    runs lineax's error check on the transposed solve's result unconditionally, a host
+    callback for which the compiler gathers that `(T, d)` array onto one device;
+    forward mode does not. partime's own gradients therefore transpose the sharded
+    scan directly (see [`partime.sharded_fixed_point_solve`][]).
+
+    **Arguments:**
+
+    - `mesh`: a `jax.sharding.Mesh`.
+    - `axis_name`: the mesh axis that splits time; may be omitted on a 1-D mesh.
+    """
+
+    mesh: Mesh = eqx.field(static=True)
+    axis_name: str = eqx.field(static=True)
+
+    def __init__(self, mesh: Mesh, axis_name: str | None = None):
+        self.axis_name, _ = time_axis(mesh, axis_name)
+        self.mesh = mesh
+
+    def init(self, operator: lx.AbstractLinearOperator, options: dict[str, Any]):
+        del options
+        if not isinstance(operator, BidiagonalOperator):
+            raise ValueError(
+                "`partime.ShardedScanSolver` only solves "
+                f"`partime.BidiagonalOperator`s, got {type(operator).__name__}."
+            )
+        return operator
+
+    def compute(self, state: BidiagonalOperator, vector, options: dict[str, Any]):
+        del options
+        num_chunks = self.mesh.shape[self.axis_name]
+        spec = PartitionSpec(self.axis_name)
+
+        length = vector.shape[0]
+        if length % num_chunks != 0:
+            raise ValueError(
+                f"The sequence length {length} is not a multiple of the {num_chunks} "
+                f"devices on mesh axis {self.axis_name!r}."
+            )
+        solve = filter_shard_map(
+            functools.partial(
+                chunk_solve,
+                axis_name=self.axis_name,
+                num_chunks=num_chunks,
+                reverse=state.transposed,
+            ),
+            self.mesh,
+            in_specs=(spec, spec),
+            out_specs=spec,
+        )
+        blocks = state.diagonal_blocks
+        if blocks is None:
+            solution = solve(state.transition, vector)
+        else:
+            # x_t = M_t x_{t-1} + D_t^{-1} b_t, M_t = D_t^{-1} A_t; the transpose
+            # z_t = c_t + M_{t+1}^T z_{t+1}, y_t = D_t^{-T} z_t. The per-step solves
+            # stay outside `shard_map` (lineax's structure checks do not accept the
+            # manual-axis shardings inside it); they are per step, so XLA splits them
+            # over the devices with no communication.
+            scaled = DenseTransition(
+                _block_solve(blocks, state.transition.as_dense(), transpose=False)
+            )
+            if state.transposed:
+                z = solve(scaled, vector)
+                solution = _block_solve(blocks, z, transpose=True)
+            else:
+                rhs = _block_solve(blocks, vector, transpose=False)
+                solution = solve(scaled, rhs)
+        return solution, lx.RESULTS.successful, {}
+
+    def transpose(self, state: BidiagonalOperator, options: dict[str, Any]):
+        return state.transpose(), options
+
+    def conj(self, state: BidiagonalOperator, options: dict[str, Any]):
+        return lx.conj(state), options
+
+    def assume_full_rank(self):
+        return True
