@@ -1,22 +1,22 @@
 """The linear dynamical system solve with the time axis split over devices.
 
 Each of the `P` devices on a mesh axis holds a chunk of `C = T / P` consecutive steps.
-The solve of `x_t = A_t x_{t-1} + b_t` then takes three stages:
+The solve of `x_t = A_t x_{t-1} + b_t` then takes three stages (reduce, then scan):
 
-1. every device scans its own chunk from a zero incoming state (an associative scan of
-    depth `O(log C)`), which gives the local solution `x̂_t` and the cumulative
-    transitions `Φ_t = A_t ⋯ A_{first}`, so that `x_t = x̂_t + Φ_t z` for the true
-    incoming state `z`. The chunk's last pair `(Φ_C, x̂_C)` is its *affine summary*: the
-    map from the state entering the chunk to the state leaving it;
+1. every device composes its chunk's affine maps `x -> A_t x + b_t` into one, its
+    *affine summary* `(A_C ⋯ A_1, x̂_C)`: the map from the state entering the chunk to
+    the state leaving it (a pairwise reduction of depth `O(log C)`);
 2. the `P` summaries are gathered on every device (`lax.all_gather`: `P·(d² + d)`
     numbers for dense transitions, `P·2d` for diagonal ones) and composed by a scan of
-    `P` elements, which gives every chunk's incoming state;
-3. every device applies its incoming state, `x_t = x̂_t + Φ_t z`.
+    `P` elements, which gives every chunk's incoming state `z`;
+3. every device solves its chunk (`transition.solve`, the ordinary associative scan)
+    with `A_1 z` added to its first right-hand side.
 
-No device ever sees another device's `T·d` data. The transpose (the reverse scan, used
-by reverse-mode autodiff) shards the same way, with one extra `lax.ppermute` of the next
-chunk's first transition (`d²` numbers), because `y_t = A_{t+1}^T y_{t+1} + b_t`
-reaches one step into the next chunk.
+No device ever sees another device's `T·d` data, and each keeps what the one-device
+solve keeps for its chunk (a scan that kept every prefix `A_t ⋯ A_1` would add `C·d²`).
+The transpose (the reverse scan) shards the same way, with one extra `lax.ppermute` of
+the next chunk's first transition (`d²` numbers), because `y_t = A_{t+1}^T y_{t+1} +
+b_t` reaches one step into the next chunk.
 
 [`partime.ShardedScanSolver`][] exposes this as a `lineax` solver for a
 [`partime.BidiagonalOperator`][] whose arrays are sharded over the time axis.
@@ -149,13 +149,29 @@ def _compose(kind: str) -> Callable:
     return combine
 
 
-def _apply(kind: str, blocks: Array | None, z: Float[Array, " d"]) -> Array:
-    """`Φ_t z` for every `t`."""
+def _apply(kind: str, block: Array | None, z: Float[Array, " d"]) -> Array:
+    """`A z` for one block of the structure."""
     if kind == "dense":
-        return jnp.einsum("tij,j->ti", blocks, z, precision=_HIGHEST)
+        return jnp.matmul(block, z, precision=_HIGHEST)
     if kind == "diagonal":
-        return blocks * z
+        return block * z
     return z  # identity; "zero" never gets here
+
+
+def _reduce(combine: Callable, elements: tuple[Array, Array]) -> tuple[Array, Array]:
+    """The composition `e_C ∘ ⋯ ∘ e_1` of a sequence of affine maps, by pairwise
+    reduction: `log C` levels, and only the reduction's halving temporaries in memory
+    (a scan would keep all `C` prefixes)."""
+    while elements[0].shape[0] > 1:
+        length = elements[0].shape[0]
+        even = tuple(e[: length - length % 2] for e in elements)
+        paired = combine(tuple(e[0::2] for e in even), tuple(e[1::2] for e in even))
+        if length % 2:
+            paired = tuple(
+                jnp.concatenate([p, e[-1:]]) for p, e in zip(paired, elements)
+            )
+        elements = paired
+    return elements[0][0], elements[1][0]
 
 
 def _transition(kind: str, blocks: Array | None, b: Array) -> AbstractTransition:
@@ -188,36 +204,43 @@ def chunk_solve(
     if kind == "zero":
         return b  # x_t = b_t: nothing couples the chunks.
     index = jax.lax.axis_index(axis_name)
-    if reverse and blocks is not None:
+    combine = _compose(kind)
+    if blocks is None:
+        edge = None
+    elif reverse:
         # The reverse recurrence uses A_{t+1}: the chunk's own blocks from the second
-        # on, then the next chunk's first. The last chunk receives zeros, which multiply
-        # y_{T+1} = 0.
+        # on, then the next chunk's first (the last chunk receives zeros, which
+        # multiply y_{T+1} = 0). It composes from the chunk's end: flip.
         following = jax.lax.ppermute(
             blocks[:1], axis_name, [(i + 1, i) for i in range(num_chunks - 1)]
         )
-        blocks = jnp.concatenate([blocks[1:], following])
+        edge = following[0]
         if kind == "dense":
-            blocks = jnp.swapaxes(blocks, -1, -2)
-
-    # 1. The chunk on its own, from a zero incoming state.
-    if blocks is None:
-        cumulative, local = None, jax.lax.cumsum(b, axis=0, reverse=reverse)
+            edge = edge.T
+            shifted = jnp.swapaxes(jnp.concatenate([blocks[1:], following]), -1, -2)
+        else:
+            shifted = jnp.concatenate([blocks[1:], following])
+        summary = _reduce(combine, (jnp.flip(shifted, 0), jnp.flip(b, 0)))
     else:
-        cumulative, local = jax.lax.associative_scan(
-            _compose(kind), (blocks, b), reverse=reverse
-        )
+        edge = blocks[0]
+        summary = _reduce(combine, (blocks, b))
+
+    # 1. The chunk's affine summary: the map from the state entering the chunk (from
+    # the left; in reverse, from the right) to the state leaving it.
+    if blocks is None:
+        summary = (None, jnp.sum(b, axis=0))
+    summary_a, summary_b = summary
 
     # 2. Every chunk's summary, on every device, composed by a scan over the chunks.
     # In reverse the information flows from the last chunk: flip, scan forward, flip.
-    end = 0 if reverse else -1
-    summary_b = jax.lax.all_gather(local[end], axis_name)
-    summary_a = None
-    if cumulative is not None:
-        summary_a = jax.lax.all_gather(cumulative[end], axis_name)
+    gathered_b = jax.lax.all_gather(summary_b, axis_name)
+    gathered_a = None
+    if summary_a is not None:
+        gathered_a = jax.lax.all_gather(summary_a, axis_name)
     if reverse:
-        summary_b = jnp.flip(summary_b, axis=0)
-        summary_a = None if summary_a is None else jnp.flip(summary_a, axis=0)
-    ends = _transition(kind, summary_a, summary_b).solve(summary_b)
+        gathered_b = jnp.flip(gathered_b, axis=0)
+        gathered_a = None if gathered_a is None else jnp.flip(gathered_a, axis=0)
+    ends = _transition(kind, gathered_a, gathered_b).solve(gathered_b)
     zero = jnp.zeros_like(ends[:1])
     if reverse:
         # ends[k] leaves chunk P-1-k; chunk p receives the state leaving chunk p+1.
@@ -225,8 +248,11 @@ def chunk_solve(
     else:
         incoming = jnp.concatenate([zero, ends])[index]
 
-    # 3. The incoming state through the chunk.
-    return local + _apply(kind, cumulative, incoming)
+    # 3. The chunk's own solve, with the incoming state's contribution to its first
+    # step (in reverse, its last) added to `b`.
+    coupling = _apply(kind, edge, incoming)
+    b = b.at[-1 if reverse else 0].add(coupling)
+    return transition.solve(b, reverse=reverse)
 
 
 def sharded_solve(
