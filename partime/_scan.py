@@ -121,7 +121,12 @@ def scan(
     if throw:
         states = stats.result.error_if(states, stats.result != RESULTS.successful)
     prev = jnp.concatenate([init_flat[None], states[:-1]])
-    ys = jax.vmap(lambda s, x: f(unravel(s), x)[1])(prev, xs)
+    output = lambda s, x: f(unravel(s), x)[1]
+    if window is None:
+        ys = jax.vmap(output)(prev, xs)
+    else:
+        # `window` steps at a time, so that f's intermediates stay O(window) too.
+        ys = jax.lax.map(lambda a: output(*a), (prev, xs), batch_size=window)
     if reverse:
         ys = _flip(ys)
     final = unravel(states[-1])

@@ -181,13 +181,15 @@ def _sliding_forward(step, init, xs, guess, scale, *, method, window, length):
     size = init.shape[0]
     rtol, atol = method.tolerances(init.dtype)
     # A step that has been iterated this often without being accepted means the
-    # window is making too little progress: the fallback finishes the window.
-    cap = max(method.iteration_cap(window), 1)
-    # Padding lets every window have `window` steps, also past the end; the steps past
-    # `length` are never accepted, and their iterate is never updated (so it cannot
-    # become non-finite and spill into the scan).
-    xs = _pad_edge(xs, window)
-    scale = jnp.concatenate([scale, jnp.ones(window, scale.dtype)])
+    # window is making too little progress: the fallback finishes the window. At most
+    # `window - 1`: a step takes that long to reach the front when the window only
+    # ever advances by its exact front step, which is sequential stepping at
+    # `window` times the work.
+    cap = max(min(method.iteration_cap(window), window - 1), 1)
+    # Every window has `window` steps. Near the end, where fewer remain, the window
+    # holds the last `window` inputs rotated so that step `pos` comes first: the
+    # entries past the end are never accepted nor updated (so they cannot become
+    # non-finite and spill into the scan), and nothing of size `T` is copied.
     if guess is not None:
         guess = jnp.concatenate(
             [guess, jnp.broadcast_to(guess[-1], (2 * window, size))]
@@ -204,7 +206,11 @@ def _sliding_forward(step, init, xs, guess, scale, *, method, window, length):
 
     def body_fun(carry):
         (pos, _, it, advances, seq, fb_start, _, head, iterate, entered, buf) = carry
-        xs_window = _slice(xs, pos, window)
+        start = jnp.minimum(pos, length - window)
+        offset = pos - start
+        xs_window = jtu.tree_map(
+            lambda a: jnp.roll(a, -offset, axis=0), _slice(xs, start, window)
+        )
         valid = index < length - pos
         num_valid = jnp.minimum(window, length - pos)
 
@@ -214,9 +220,10 @@ def _sliding_forward(step, init, xs, guess, scale, *, method, window, length):
         delta = lx.linear_solve(
             BidiagonalOperator(transition), -residual, ScanSolver(), throw=False
         ).value
-        tol = jax.lax.dynamic_slice_in_dim(scale, pos, window)[:, None] * (
-            atol + rtol * jnp.abs(iterate)
+        scale_window = jnp.roll(
+            jax.lax.dynamic_slice_in_dim(scale, start, window), -offset
         )
+        tol = scale_window[:, None] * (atol + rtol * jnp.abs(iterate))
         ok = _within(delta, tol) & _within(residual, tol) & valid
         new = jnp.where(valid[:, None], iterate + delta, iterate)
         # The front step's predecessor is final, so its new value is exact: accept it
@@ -262,7 +269,9 @@ def _sliding_forward(step, init, xs, guess, scale, *, method, window, length):
             ),
         )
 
-        buf = jax.lax.dynamic_update_slice_in_dim(buf, new, pos, axis=0)
+        old = jax.lax.dynamic_slice_in_dim(buf, start, window)
+        merged = jnp.where((index < offset)[:, None], old, jnp.roll(new, offset, 0))
+        buf = jax.lax.dynamic_update_slice_in_dim(buf, merged, start, axis=0)
         head = jnp.where(advance > 0, new[jnp.maximum(advance - 1, 0)], head)
         # The rest of this iterate is the next guess; new steps enter at the far end,
         # from the user's guess or, by default, the window's last value.
@@ -302,7 +311,7 @@ def _sliding_forward(step, init, xs, guess, scale, *, method, window, length):
         init,
         first_window,
         jnp.zeros(window, zero.dtype),
-        jnp.zeros((length + window, size), init.dtype),
+        jnp.zeros((length, size), init.dtype),
     )
     carry = jax.lax.while_loop(cond_fun, body_fun, carry)
     _, _, it, advances, seq, fb_start, result, _, _, _, buf = carry
@@ -316,7 +325,7 @@ def _sliding_forward(step, init, xs, guess, scale, *, method, window, length):
         schedule="sliding",
         result=RESULTS.where(init_finite, result, RESULTS.nonfinite_input),
     )
-    return buf[:length], stats
+    return buf, stats
 
 
 # The solve and its windowed implicit derivative ------------------------------------
@@ -444,13 +453,14 @@ def windowed_solve(
         the rest of its iterate as the next guess; new steps enter at the far end
         from `guess` or, by default, from the window's last value. The step at the
         front of the window is exact after one iteration (its predecessor is final), so
-        the window always advances. If a step stays in the window for the method's
-        `max_iters` iterations (capped at `W`) without converging, or the iterate
-        becomes non-finite, the window *failed*: with `fallback=True` the rest of the
-        window is computed sequentially from its converged prefix, and the window
-        starts afresh after it; with `fallback=False` the solve stops and reports it.
-        Needs an undamped method defined by its `linearise` (Newton, QuasiNewton,
-        Picard, Jacobi).
+        the window always advances. The window *fails* if a step stays in it for the
+        method's `max_iters` iterations, or for `W - 1` (the window then advances by
+        its exact front step only: sequential stepping at `W` times the work),
+        without converging, or if the iterate becomes non-finite. Then, with
+        `fallback=True`, the rest of the window is computed sequentially from its
+        converged prefix and a fresh window starts after it; with `fallback=False`
+        the solve stops and reports it. Needs an undamped method defined by its
+        `linearise` (Newton, QuasiNewton, Picard, Jacobi).
 
     **Arguments:**
 

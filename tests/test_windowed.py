@@ -114,6 +114,19 @@ def test_other_methods(values_case, method):
     assert stats.result == partime.RESULTS.successful
 
 
+@pytest.mark.parametrize("schedule", ["sliding", "blocks"])
+def test_warm_start_guess(schedule):
+    """Given the exact trajectory as the guess, every window is accepted at its first
+    iteration: one iteration per window."""
+    cell, init, xs = _problem(3, 90, seed=7)
+    expected = _lax_scan(cell, init, xs)
+    carries = _lax_scan(lambda h, x: (cell(h, x)[0],) * 2, init, xs)[1]
+    scan_fn = _windowed(20, schedule, guess=carries, return_stats=True)
+    *out, stats = scan_fn(cell, init, xs)
+    assert max_rel_error(out, expected) < 1e-8
+    assert int(stats.num_iterations) == 5
+
+
 # Gradients -----------------------------------------------------------------------
 
 
