@@ -1,3 +1,4 @@
+import abc
 import functools
 import math
 from collections.abc import Callable
@@ -63,8 +64,9 @@ class AbstractWindowInterpolation(diffrax.AbstractLocalInterpolation):
     def num_steps(self) -> int:
         return jtu.tree_leaves(self.infos)[0].shape[0]
 
+    @abc.abstractmethod
     def _make_inner(self, t0, t1, info) -> diffrax.AbstractLocalInterpolation:
-        raise NotImplementedError
+        """The inner solver's interpolation over one inner step."""
 
     def _local(self, t, left: bool) -> diffrax.AbstractLocalInterpolation:
         ts = _inner_grid(self.t0, self.t1, self.num_steps)
@@ -137,10 +139,9 @@ def _flat_step(solver, terms, args, unravel) -> Callable:
     states, for the error estimates and dense output.
     """
     # `type(...)`, not `isinstance`: diffrax forwards `isinstance` through wrappers.
-    tableau = getattr(solver, "tableau", None)
     if not (
         issubclass(type(solver), diffrax.AbstractERK)
-        and isinstance(tableau, diffrax.ButcherTableau)
+        and isinstance(solver.tableau, diffrax.ButcherTableau)
     ):
 
         def diffrax_step(y_flat, x):
@@ -152,6 +153,7 @@ def _flat_step(solver, terms, args, unravel) -> Callable:
 
         return diffrax_step
 
+    tableau = solver.tableau
     b_sol = np.asarray(tableau.b_sol)
     num_stages = int(np.flatnonzero(b_sol)[-1]) + 1
 
