@@ -18,6 +18,7 @@ import jax.tree_util as jtu
 import lineax as lx
 from jaxtyping import Array, Bool, Float, Int, PyTree
 
+from ._fallback import sequential_completion
 from ._lds import DenseTransition
 from ._method.base import AbstractMethod
 from ._operator import BidiagonalOperator, ScanSolver
@@ -89,14 +90,7 @@ def _iterate(
 
     if method.fallback:
         # Exact sequential completion from the converged prefix; zero trips if none.
-        def fallback_body(carry):
-            t, states = carry
-            prev = jnp.where(t == 0, init, states[jnp.maximum(t - 1, 0)])
-            return t + 1, states.at[t].set(step(prev, _index(xs, t)))
-
-        _, states = jax.lax.while_loop(
-            lambda carry: carry[0] < length, fallback_body, (prefix, states)
-        )
+        states = sequential_completion(step, init, xs, states, prefix)
         result = RESULTS.where(init_finite, RESULTS.successful, RESULTS.nonfinite_input)
         fallback_start = prefix
     else:

@@ -350,3 +350,24 @@ def test_quasi_newton_memory_is_linear_in_d():
     dense_jacobians = length * size * size * 8
     assert quasi_newton < 0.1 * dense_jacobians
     assert quasi_newton < 3 * memory(partime.Picard())
+
+
+def test_fallback_under_vmap():
+    """Batch members fall back from different prefixes (one not at all); the batched
+    fallback (one counter from the earliest start, masked rows) is exact for each."""
+
+    def step(state, x):
+        new = x[0] * state * (1 - state)
+        return new, new
+
+    inits = jnp.array([[0.2], [0.3], [0.4]])
+    rates = jnp.array([3.9, 3.7, 2.5])  # chaotic, chaotic, contracting
+    xs = jnp.broadcast_to(rates[:, None, None], (3, 300, 1))
+    expected = jax.vmap(lambda i, x: jax.lax.scan(step, i, x))(inits, xs)
+    method = partime.Newton(max_iters=8)
+    final, ys, stats = jax.vmap(
+        lambda i, x: partime.scan(step, i, x, method=method, return_stats=True)
+    )(inits, xs)
+    assert tree_allclose((final, ys), expected)
+    assert bool(stats.fell_back[0]) and bool(stats.fell_back[1])
+    assert not bool(stats.fell_back[2])
