@@ -26,8 +26,9 @@ Usage, from the repository root:
     python benchmarks/ode.py --quick         # d=2, T=100, both solvers: seconds
     python benchmarks/ode.py --d 4 --T 1e4 --solvers tsit5
 
-Results go to `benchmarks/results/ode-<platform>.json` (and a `.md` table beside it),
-where `<platform>` is `jax.devices()[0].platform`; `--quick` writes only with `--out`.
+Results go to `benchmarks/results/ode-<platform>.json` (`ode-<platform>-float32.json`
+with `--float32`; a `.md` table beside it), where `<platform>` is
+`jax.devices()[0].platform`; `--quick` writes only with `--out`.
 The exit status is 1 if any row is WRONG.
 """
 
@@ -239,7 +240,8 @@ def main() -> int:
 
     out = args.out
     if out is None and not args.quick:
-        out = Path(__file__).parent / "results" / f"ode-{env['platform']}.json"
+        suffix = "-float32" if args.float32 else ""
+        out = Path(__file__).parent / "results" / f"ode-{env['platform']}{suffix}.json"
     if out is not None:
         value_tol, grad_tol = TOLERANCES["float32" if args.float32 else "float64"]
         payload = dict(

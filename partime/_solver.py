@@ -317,8 +317,13 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
     - The error estimate of a window (for adaptive step size controllers, which then
         adapt the window length) is the sum of the magnitudes of its inner steps'
         error estimates; it scales like the inner solver's, so its `error_order`
-        stays valid. It is `inf` when the window failed (a non-finite value), so that
-        an adaptive controller rejects the window and shrinks it.
+        stays valid. It is `inf` when the window failed, so that an adaptive
+        controller rejects the window and shrinks it: a non-finite value
+        (`RESULTS.nonfinite`, e.g. NaN in `y0`), or, for a method with
+        `fallback=False`, an iteration that did not converge
+        (`RESULTS.nonlinear_max_steps_reached` / `nonlinear_divergence`). With a
+        fixed step size these end the solve (an error, or `sol.result` with
+        `throw=False`).
     - With `SaveAt(..., solver_state=True)`, `sol.solver_state` is a
         `ParallelSolverState` with `num_iterations` (total fixed-point iterations)
         and `num_fallbacks` (windows that fell back to sequential stepping), summed
@@ -327,7 +332,8 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
     **Gradients.** Each window is differentiated implicitly (one parallel linear solve
     at the converged solution, never by unrolling the iterations), so the backward
     pass is parallel over time too. Use `diffrax.RecursiveCheckpointAdjoint()` (the
-    default), `diffrax.DirectAdjoint()` or `diffrax.ForwardMode()`;
+    default; like any diffrax step, each window is solved again on the backward
+    pass), `diffrax.DirectAdjoint()` or `diffrax.ForwardMode()`;
     `diffrax.BacksolveAdjoint()` is rejected with an error.
 
     **Supported problems.** ODEs and other deterministic terms (e.g. CDEs with a smooth
