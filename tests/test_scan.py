@@ -360,7 +360,7 @@ def test_fallback_under_vmap():
         new = x[0] * state * (1 - state)
         return new, new
 
-    inits = jnp.array([[0.2], [0.3], [0.4]])
+    inits = jnp.array([[0.2], [0.3], [0.55]])
     rates = jnp.array([3.9, 3.7, 2.5])  # chaotic, chaotic, contracting
     xs = jnp.broadcast_to(rates[:, None, None], (3, 300, 1))
     expected = jax.vmap(lambda i, x: jax.lax.scan(step, i, x))(inits, xs)
