@@ -210,7 +210,7 @@ def main(argv=None):
     elif args.quick:
         defaults = dict(length=500, hidden=8, batch=16, train_steps=60)
     else:
-        defaults = dict(length=2_000, hidden=16, batch=16, train_steps=100)
+        defaults = dict(length=2_000, hidden=16, batch=16, train_steps=60)
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
