@@ -1,3 +1,4 @@
+import equinox as eqx
 import jax
 
 from .._lds import DenseTransition
@@ -29,10 +30,10 @@ class Newton(AbstractMethod):
         ```
     """
 
-    rtol: float | None = None
-    atol: float | None = None
-    max_iters: int | None = None
-    fallback: bool = True
+    rtol: float | None = eqx.field(static=True, default=None)
+    atol: float | None = eqx.field(static=True, default=None)
+    max_iters: int | None = eqx.field(static=True, default=None)
+    fallback: bool = eqx.field(static=True, default=True)
 
     @property
     def default_max_iters(self):

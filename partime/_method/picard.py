@@ -1,3 +1,4 @@
+import equinox as eqx
 import jax
 
 from .._lds import IdentityTransition
@@ -27,10 +28,10 @@ class Picard(AbstractMethod):
         ```
     """
 
-    rtol: float | None = None
-    atol: float | None = None
-    max_iters: int | None = None
-    fallback: bool = True
+    rtol: float | None = eqx.field(static=True, default=None)
+    atol: float | None = eqx.field(static=True, default=None)
+    max_iters: int | None = eqx.field(static=True, default=None)
+    fallback: bool = eqx.field(static=True, default=True)
 
     @property
     def default_max_iters(self):

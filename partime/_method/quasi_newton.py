@@ -1,3 +1,4 @@
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 
@@ -54,11 +55,11 @@ class QuasiNewton(AbstractMethod):
         ```
     """
 
-    rtol: float | None = None
-    atol: float | None = None
-    max_iters: int | None = None
-    fallback: bool = True
-    jacobian_batch_size: int | None = None
+    rtol: float | None = eqx.field(static=True, default=None)
+    atol: float | None = eqx.field(static=True, default=None)
+    max_iters: int | None = eqx.field(static=True, default=None)
+    fallback: bool = eqx.field(static=True, default=True)
+    jacobian_batch_size: int | None = eqx.field(static=True, default=None)
 
     @property
     def default_max_iters(self):
