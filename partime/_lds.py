@@ -186,7 +186,8 @@ class ZeroTransition(AbstractTransition):
 def sequential_solve(
     transition: AbstractTransition, b: Float[Array, "T d"], reverse: bool = False
 ) -> Float[Array, "T d"]:
-    """Reference implementation of [`partime.AbstractTransition.solve`][] with `jax.lax.scan`.
+    """Reference implementation of [`partime.AbstractTransition.solve`][], with
+    `jax.lax.scan`.
 
     For tests, and as the exact sequential path.
     """
