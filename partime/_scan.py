@@ -13,7 +13,7 @@ from ._fixed_point import fixed_point_solve
 from ._method.base import AbstractMethod
 from ._method.newton import Newton
 from ._stats import RESULTS, Stats
-from ._windowed import windowed_solve, WindowStats
+from ._windowed import map_in_windows, windowed_solve, WindowStats
 
 
 def _flip(tree: PyTree) -> PyTree:
@@ -125,8 +125,7 @@ def scan(
     if window is None:
         ys = jax.vmap(output)(prev, xs)
     else:
-        # `window` steps at a time, so that f's intermediates stay O(window) too.
-        ys = jax.lax.map(lambda a: output(*a), (prev, xs), batch_size=window)
+        ys = map_in_windows(output, (prev, xs), min(window, len(prev)))
     if reverse:
         ys = _flip(ys)
     final = unravel(states[-1])

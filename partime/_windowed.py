@@ -112,6 +112,16 @@ def _split_blocks(tree: PyTree, num_blocks: int, window: int) -> tuple[PyTree, P
     return full, tail
 
 
+def map_in_windows(fn: Callable, inputs: tuple, window: int) -> PyTree:
+    """`jax.vmap(fn)(*inputs)`, evaluated `window` entries at a time (`lax.map`), so
+    that `fn`'s intermediates take `O(window)` memory rather than `O(T)`."""
+    out_struct = jax.eval_shape(lambda: fn(*_index(inputs, 0)))
+    if not jtu.tree_leaves(out_struct):
+        # Nothing to compute (and `lax.map` with `batch_size` cannot map to `None`).
+        return jax.vmap(fn)(*inputs)
+    return jax.lax.map(lambda a: fn(*a), inputs, batch_size=window)
+
+
 # Forward: fixed blocks -------------------------------------------------------------
 
 
