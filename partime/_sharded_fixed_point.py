@@ -40,22 +40,35 @@ from ._stats import RESULTS, Stats
 
 
 class _ClosedStep(eqx.Module):
-    """`step` with the arrays it closes over made explicit (`jax.closure_convert`), so
-    that they get tangents through the custom JVP.
+    """`step` as a jaxpr and every array it closes over, so that those arrays are
+    explicit inputs: they get tangents through the custom JVP, and they enter
+    `shard_map` as replicated arguments rather than as constants.
 
     Not `eqx.filter_closure_convert`, as in the unsharded solve: its call checks the
     arguments' shardings against the example's, and inside `shard_map` they differ.
-    Either way `step` becomes a jaxpr traced outside `shard_map`, and evaluating it
-    inside binds primitives on a mix of per-device and replicated values without the
-    `pvary` casts that tracing inside would have added: the `shard_map`s that call it
-    run with `check_vma=False` (their replicated outputs come out of `psum`/`pmin`).
+    Nor `jax.closure_convert`, which leaves closed-over integer tracers (a diffrax
+    step counter, say) inside the jaxpr, where `shard_map` cannot lower them. The
+    jaxpr is traced outside `shard_map` and replayed inside it, binding primitives on
+    a mix of per-device and replicated values without the `pvary` casts that tracing
+    inside would add: the `shard_map`s that call it run with `check_vma=False` (their
+    replicated outputs come out of `psum`/`pmin`).
     """
 
-    fn: Callable = eqx.field(static=True)
-    consts: tuple[Array, ...]
+    jaxpr: Any = eqx.field(static=True)
+    out_tree: Any = eqx.field(static=True)
+    consts: tuple[Any, ...]
+
+    def __init__(self, fn: Callable, *example_args: Any):
+        closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*example_args)
+        self.jaxpr = closed.jaxpr
+        self.out_tree = jtu.tree_structure(out_shape)
+        self.consts = tuple(closed.consts)
 
     def __call__(self, state, x):
-        return self.fn(state, x, *self.consts)
+        flat = jax.core.eval_jaxpr(
+            self.jaxpr, self.consts, *jtu.tree_leaves((state, x))
+        )
+        return jtu.tree_unflatten(self.out_tree, flat)
 
 
 def _index(xs: PyTree, t: Int[Array, ""] | int) -> PyTree:
@@ -372,10 +385,7 @@ def sharded_fixed_point_solve(
             f"`step` must map a state of shape {init.shape} to one of the same shape, "
             f"got {out_struct}."
         )
-    fn, consts = jax.closure_convert(
-        lambda s, x: step(s, x).astype(init.dtype), init, x0
-    )
-    closed = _ClosedStep(fn, tuple(consts))
+    closed = _ClosedStep(lambda s, x: step(s, x).astype(init.dtype), init, x0)
     states, dynamic_stats = _solve(
         closed, init, xs, guess, method=method, mesh=mesh, axis_name=axis_name
     )

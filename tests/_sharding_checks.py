@@ -370,3 +370,38 @@ def test_scan(reverse):
     chunk = (LENGTH // NUM_DEVICES) * 2
     num_params = sum(p.size for p in params)
     assert all(n <= max(bound, chunk, num_params) for _, n in collectives(text))
+
+
+# `partime.ParallelSolver(..., mesh=...)`, once it takes a mesh.
+
+
+@pytest.mark.skipif(
+    "mesh" not in inspect.signature(partime.ParallelSolver.__init__).parameters,
+    reason="partime.ParallelSolver has no `mesh` argument",
+)
+def test_parallel_solver():
+    """A neural ODE, one window of 64 Tsit5 steps split over the devices: values at
+    the saved times and gradients with respect to the vector field's parameters."""
+    import diffrax
+    import equinox as eqx
+
+    mlp = eqx.nn.MLP(2, 2, 16, 2, key=jr.PRNGKey(0))
+    y0 = jnp.array([1.0, -0.5])
+    method = partime.Newton(**TIGHT)
+
+    def loss(solver):
+        def fn(mlp):
+            term = diffrax.ODETerm(lambda t, y, mlp: -y + 0.3 * mlp(y))
+            saveat = diffrax.SaveAt(ts=jnp.linspace(0, 2, 9))
+            solution = diffrax.diffeqsolve(
+                term, solver, 0.0, 2.0, 2.0, y0, mlp, saveat=saveat
+            )
+            return jnp.sum(solution.ys**2), solution.ys
+
+        return eqx.filter_jit(eqx.filter_value_and_grad(fn, has_aux=True))
+
+    inner = diffrax.Tsit5()
+    expected = loss(partime.ParallelSolver(inner, num_steps=64, method=method))(mlp)
+    solver = partime.ParallelSolver(inner, num_steps=64, method=method, mesh=MESH)
+    out = loss(solver)(mlp)
+    assert _max_error(eqx.filter(out, eqx.is_array), expected) < 1e-10
