@@ -7,11 +7,13 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from jax.flatten_util import ravel_pytree
+from jax.sharding import Mesh
 from jaxtyping import ArrayLike, PyTree
 
 from ._fixed_point import fixed_point_solve
 from ._method.base import AbstractMethod
 from ._method.newton import Newton
+from ._sharded_fixed_point import previous_states, sharded_fixed_point_solve
 from ._stats import RESULTS, Stats
 from ._windowed import map_in_windows, windowed_solve, WindowStats
 
@@ -34,6 +36,8 @@ def scan(
     window: int | None = None,
     schedule: Literal["sliding", "blocks"] = "sliding",
     tolerance_scale: ArrayLike | None = None,
+    mesh: Mesh | None = None,
+    axis_name: str | None = None,
 ) -> tuple[PyTree, PyTree] | tuple[PyTree, PyTree, Stats | WindowStats]:
     """Evaluates `jax.lax.scan(f, init, xs, length, reverse)` in parallel over time.
 
@@ -58,6 +62,10 @@ def scan(
         sliding window or by fixed blocks, optionally with per-step tolerance factors
         (given in the order of `xs`); memory then stays bounded for any horizon, and
         `stats` is a [`partime.WindowStats`][]. See [`partime.windowed_solve`][].
+    - `mesh`, `axis_name`: split the time axis over the devices of mesh axis
+        `axis_name` (which may be omitted on a 1-D mesh); `T` must be a multiple of
+        their number, and the mesh's axes `jax.sharding.AxisType.Auto`. The outputs
+        are sharded over time too. See [`partime.sharded_fixed_point_solve`][].
 
     **Returns:** `(final_carry, ys)`, or `(final_carry, ys, stats)`.
 
@@ -100,7 +108,24 @@ def scan(
 
     if guess is not None:
         guess = jax.vmap(lambda c: ravel_pytree(c)[0])(guess)
-    if window is None and tolerance_scale is None:
+    if mesh is not None:
+        if window is not None or tolerance_scale is not None:
+            raise ValueError(
+                "`partime.scan(mesh=...)` does not combine with `window=` or "
+                "`tolerance_scale=` yet: shard the whole horizon, or solve in windows "
+                "on one device."
+            )
+        states, stats = sharded_fixed_point_solve(
+            step,
+            init_flat,
+            xs,
+            method,
+            mesh=mesh,
+            axis_name=axis_name,
+            length=length,
+            guess=guess,
+        )
+    elif window is None and tolerance_scale is None:
         states, stats = fixed_point_solve(
             step, init_flat, xs, method, length=length, guess=guess
         )
@@ -118,9 +143,17 @@ def scan(
             guess=guess,
             tolerance_scale=tolerance_scale,
         )
+    last = states[-1]
     if throw:
-        states = stats.result.error_if(states, stats.result != RESULTS.successful)
-    prev = jnp.concatenate([init_flat[None], states[:-1]])
+        # The check is a host callback: give it the small arrays, not `states`, which
+        # the compiler would first gather onto one device where it is sharded.
+        init_flat, last = stats.result.error_if(
+            (init_flat, last), stats.result != RESULTS.successful
+        )
+    if mesh is None:
+        prev = jnp.concatenate([init_flat[None], states[:-1]])
+    else:
+        prev = previous_states(init_flat, states, mesh=mesh, axis_name=axis_name)
     output = lambda s, x: f(unravel(s), x)[1]
     if window is None:
         ys = jax.vmap(output)(prev, xs)
@@ -128,7 +161,7 @@ def scan(
         ys = map_in_windows(output, (prev, xs), min(window, len(prev)))
     if reverse:
         ys = _flip(ys)
-    final = unravel(states[-1])
+    final = unravel(last)
     if return_stats:
         return final, ys, stats
     return final, ys
