@@ -28,6 +28,10 @@ from ._solver import (
     ParallelSolverState as ParallelSolverState,
 )
 from ._stats import RESULTS as RESULTS, Stats as Stats
+from ._windowed import (
+    windowed_solve as windowed_solve,
+    WindowStats as WindowStats,
+)
 
 
 __version__ = importlib.metadata.version("partime")
