@@ -11,7 +11,12 @@ import jax.flatten_util as jfu
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
-from diffrax._term import AdjointTerm  # private: only to reject `BacksolveAdjoint`
+import optimistix as optx
+
+# Private: `use_stepsize_tol` only to fill in an implicit inner solver's root-finder
+# tolerances, as `diffeqsolve` does; `AdjointTerm` only to reject `BacksolveAdjoint`.
+from diffrax._root_finder import use_stepsize_tol
+from diffrax._term import AdjointTerm
 from equinox.internal import ω
 from jaxtyping import Array, Int, PyTree
 
@@ -113,22 +118,53 @@ def _with_bounded_scan(solver: diffrax.AbstractSolver) -> diffrax.AbstractSolver
     `custom_vjp` loop by default, which `jax.jacfwd` and our implicit JVP cannot pass;
     `scan_kind="lax"` (a `lax.while_loop`) passes forward mode but cannot be transposed,
     which reverse mode does to our JVP rule. `"bounded"` supports both, as for
-    diffrax's own `DirectAdjoint`."""
+    diffrax's own `DirectAdjoint` (SRK solvers: `"lax"`, see below)."""
     # `type(...)`, not `isinstance`: diffrax forwards `isinstance` through wrappers.
     if issubclass(type(solver), diffrax.AbstractWrappedSolver):
         return eqx.tree_at(
             lambda s: s.solver, solver, _with_bounded_scan(solver.solver)
         )
-    if issubclass(type(solver), (diffrax.AbstractRungeKutta, diffrax.AbstractSRK)):
+    if issubclass(type(solver), diffrax.AbstractRungeKutta):
         return eqx.tree_at(
             lambda s: s.scan_kind, solver, "bounded", is_leaf=lambda x: x is None
+        )
+    if issubclass(type(solver), diffrax.AbstractSRK):
+        # SRK stages run through `equinox.internal.scan`, which has no "bounded"
+        # kind; its "lax" kind is a `lax.scan`, which passes both modes.
+        return eqx.tree_at(
+            lambda s: s.scan_kind, solver, "lax", is_leaf=lambda x: x is None
         )
     return solver
 
 
-def _flat_step(solver, terms, args, unravel) -> Callable:
-    """One inner step `(y_{k-1}, (t_{k-1}, t_k)) -> y_k` on flat states: the map whose
-    iterates the fixed-point solve looks for.
+def _with_root_finder_tolerances(
+    solver: diffrax.AbstractSolver, rtol: float, atol: float
+) -> diffrax.AbstractSolver:
+    """Fills in the tolerances an implicit inner solver's root finder leaves to the
+    step size controller (`diffrax`'s `use_stepsize_tol`). `diffeqsolve` does this only
+    for a solver that is itself an `AbstractImplicitSolver`, which ours is not; we take
+    the fixed-point iteration's own tolerances, and the max norm, so that each inner
+    step is solved at least as accurately as the window."""
+    # `type(...)`, not `isinstance`: diffrax forwards `isinstance` through wrappers.
+    if not issubclass(type(solver), diffrax.AbstractImplicitSolver):
+        return solver
+    root_finder = solver.root_finder
+    fills = {"rtol": rtol, "atol": atol, "norm": optx.max_norm}
+    names = [name for name in fills if getattr(root_finder, name) is use_stepsize_tol]
+    if not names:
+        return solver
+    return eqx.tree_at(
+        lambda s: [getattr(s.root_finder, name) for name in names],
+        solver,
+        [fills[name] for name in names],
+    )
+
+
+def _flat_step(solver, make_terms, args, unravel) -> Callable:
+    """One inner step `(y_{k-1}, x_k) -> y_k` on flat states: the map whose iterates
+    the fixed-point solve looks for. `x_k = (t_{k-1}, t_k, increments_k)`, and
+    `make_terms(increments_k)` gives the terms of that inner step (see
+    `_StoredIncrementTerm`).
 
     Explicit Runge--Kutta steps are evaluated here from the solver's (public) Butcher
     tableau: straight-line code that `jax.jacfwd` and reverse mode pass cheaply, where
@@ -145,7 +181,8 @@ def _flat_step(solver, terms, args, unravel) -> Callable:
     ):
 
         def diffrax_step(y_flat, x):
-            ta, tb = x
+            ta, tb, increments = x
+            terms = make_terms(increments)
             y = unravel(y_flat)
             state = solver.init(terms, ta, tb, y, args)
             y1, *_ = solver.step(terms, ta, tb, y, args, state, made_jump=False)
@@ -162,7 +199,8 @@ def _flat_step(solver, terms, args, unravel) -> Callable:
         return y_flat + sum(terms_[1:], terms_[0]) if terms_ else y_flat
 
     def erk_step(y_flat, x):
-        ta, tb = x
+        ta, tb, increments = x
+        terms = make_terms(increments)
         control = terms.contr(ta, tb)
         ks = []
         for i in range(num_stages):
@@ -179,12 +217,13 @@ def _flat_step(solver, terms, args, unravel) -> Callable:
     return erk_step
 
 
-def _coarse_guess(inner_step, flat_step, interpolation_cls, y0_flat, ts, coarse_ts):
+def _coarse_guess(inner_step, flat_step, interpolation_cls, y0_flat, ts, xs, coarse_ts):
     """The first iterate of a window: the inner solver stepped sequentially over the
     few long steps `coarse_ts`, and its dense output at the inner grid `ts` (a
     parareal-style predictor). Kept only if it is finite and its largest residual is
     below that of the constant guess `y0` (a coarse step may be unstable where the
-    inner step is not)."""
+    inner step is not). `inner_step` takes the original terms (for an SDE, the
+    Brownian motion over the long steps); `flat_step` the inner steps' `xs`."""
     ravel = lambda y: jfu.ravel_pytree(y)[0].astype(y0_flat.dtype)
 
     def coarse_step(y_flat, x):
@@ -206,7 +245,7 @@ def _coarse_guess(inner_step, flat_step, interpolation_cls, y0_flat, ts, coarse_
 
     def max_residual(guess):
         prev = jnp.concatenate([y0_flat[None], guess[:-1]])
-        residual = guess - jax.vmap(flat_step)(prev, (ts[:-1], ts[1:]))
+        residual = guess - jax.vmap(flat_step)(prev, xs)
         return jnp.where(
             jnp.all(jnp.isfinite(residual)), jnp.max(jnp.abs(residual)), jnp.inf
         )
@@ -215,8 +254,84 @@ def _coarse_guess(inner_step, flat_step, interpolation_cls, y0_flat, ts, coarse_
     return jax.lax.stop_gradient(jnp.where(use_coarse, coarse, constant))
 
 
+class _StoredIncrementTerm(diffrax.AbstractTerm):
+    """A term whose control over the current inner step is already known: `contr`
+    returns the stored increment (for a Brownian motion, with its Lévy area when the
+    solver asked for it), whatever the times; everything else defers to `term`.
+
+    Rebuilt inside the step function from the step's inputs, so that every inner SDE
+    step is a deterministic map of its start state, and the Brownian motion is
+    evaluated once per window, vectorised, not in every iteration and Jacobian
+    probe."""
+
+    term: diffrax.AbstractTerm
+    increment: PyTree
+
+    def vf(self, t, y, args):
+        return self.term.vf(t, y, args)
+
+    def contr(self, t0, t1, **kwargs):
+        del t0, t1, kwargs
+        return self.increment
+
+    def prod(self, vf, control):
+        return self.term.prod(vf, control)
+
+    def vf_prod(self, t, y, args, control):
+        return self.term.vf_prod(t, y, args, control)
+
+    def is_vf_expensive(self, t0, t1, y, args):
+        return self.term.is_vf_expensive(t0, t1, y, args)
+
+
+def _is_stochastic(term) -> bool:
+    is_path = lambda x: isinstance(x, diffrax.AbstractBrownianPath)
+    return any(is_path(x) for x in jtu.tree_leaves(term, is_leaf=is_path))
+
+
+def _map_stochastic(terms, contr_kwargs, fn):
+    """`terms` with each leaf term driven by a Brownian motion replaced by
+    `fn(leaf, kwargs)`, where `kwargs` are the keyword arguments the solver passes to
+    that leaf's `contr` (e.g. `use_levy=True` for SRK solvers). Leaves are visited in
+    a fixed order."""
+    # `type(...)`: diffrax's own `MultiTerm`, not a user subclass with other fields.
+    if type(terms) is diffrax.MultiTerm:
+        if not isinstance(contr_kwargs, tuple):
+            contr_kwargs = (contr_kwargs,) * len(terms.terms)
+        return diffrax.MultiTerm(
+            *[
+                _map_stochastic(term, kwargs, fn)
+                for term, kwargs in zip(terms.terms, contr_kwargs)
+            ]
+        )
+    if _is_stochastic(terms):
+        return fn(terms, contr_kwargs if isinstance(contr_kwargs, dict) else {})
+    return terms
+
+
+def _store_increments(terms, contr_kwargs, ts):
+    """Every Brownian increment of the window, computed once and vectorised over the
+    inner steps; and the function that rebuilds the terms of one inner step from its
+    slice of them."""
+    increments = []
+
+    def compute(leaf, kwargs):
+        contr = lambda ta, tb: leaf.contr(ta, tb, **kwargs)
+        increments.append(jax.vmap(contr)(ts[:-1], ts[1:]))
+        return leaf
+
+    _map_stochastic(terms, contr_kwargs, compute)
+
+    def make_terms(step_increments):
+        remaining = iter(step_increments)
+        store = lambda leaf, kwargs: _StoredIncrementTerm(leaf, next(remaining))
+        return _map_stochastic(terms, contr_kwargs, store)
+
+    return increments, make_terms
+
+
 def _check_terms(terms) -> None:
-    is_special = lambda x: isinstance(x, (AdjointTerm, diffrax.AbstractBrownianPath))
+    is_special = lambda x: isinstance(x, AdjointTerm)
     for leaf in jtu.tree_leaves(terms, is_leaf=is_special):
         if isinstance(leaf, AdjointTerm):
             raise ValueError(
@@ -227,11 +342,6 @@ def _check_terms(terms) -> None:
                 "`diffrax.RecursiveCheckpointAdjoint()`, or "
                 "`diffrax.DirectAdjoint()` or `diffrax.ForwardMode()`: all three "
                 "differentiate each window implicitly, in parallel over time."
-            )
-        if isinstance(leaf, diffrax.AbstractBrownianPath):
-            raise ValueError(
-                "`partime.ParallelSolver` does not support SDEs (terms driven by a "
-                "Brownian motion) yet. Solve them with a sequential diffrax solver."
             )
 
 
@@ -246,12 +356,14 @@ def _check_inner_solver(solver: Any) -> None:
             "`partime.ParallelSolver` cannot wrap another `ParallelSolver`: raise "
             "`num_steps` instead."
         )
-    if isinstance(solver, diffrax.AbstractImplicitSolver):
+    if isinstance(solver, diffrax.AbstractRungeKutta) and isinstance(
+        solver.tableau, diffrax.MultiButcherTableau
+    ):
         raise ValueError(
-            "`partime.ParallelSolver` does not support implicit (or IMEX) inner "
-            f"solvers such as `{type(solver).__name__}` yet. Use an explicit solver: "
-            "`diffrax.Tsit5()`, `diffrax.Dopri5()`, `diffrax.Dopri8()`, "
-            "`diffrax.Bosh3()`, `diffrax.Heun()`, `diffrax.Euler()`, ..."
+            "`partime.ParallelSolver` does not support IMEX inner solvers such as "
+            f"`{type(solver).__name__}` yet. Use an explicit solver "
+            "(`diffrax.Tsit5()`, ...) or an implicit one (`diffrax.Kvaerno5()`, "
+            "...) on the whole vector field."
         )
     if isinstance(solver, (diffrax.ReversibleHeun, diffrax.LeapfrogMidpoint)):
         raise ValueError(
@@ -336,11 +448,35 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
     pass), `diffrax.DirectAdjoint()` or `diffrax.ForwardMode()`;
     `diffrax.BacksolveAdjoint()` is rejected with an error.
 
-    **Supported problems.** ODEs and other deterministic terms (e.g. CDEs with a smooth
-    control), with an explicit one-step inner solver: `Euler`, `Heun`, `Midpoint`,
-    `Ralston`, `Bosh3`, `Tsit5`, `Dopri5`, `Dopri8`, ... Implicit inner solvers and
-    SDEs are not supported yet and raise an error. Any PyTree `y0` is accepted; it is
-    flattened to one vector per step inside the window.
+    **Supported problems.** Any PyTree `y0` is accepted; it is flattened to one vector
+    per step inside the window.
+
+    - ODEs and other deterministic terms (e.g. CDEs with a smooth control), with an
+        explicit one-step inner solver: `Euler`, `Heun`, `Midpoint`, `Ralston`,
+        `Bosh3`, `Tsit5`, `Dopri5`, `Dopri8`, ...
+    - SDEs: terms driven by a Brownian motion, e.g.
+        `MultiTerm(ODETerm(drift), ControlTerm(diffusion, brownian_motion))`, with
+        `Euler`, `Heun`, `EulerHeun` or a stochastic Runge--Kutta solver (`SEA`,
+        `ShARK`, `SRA1`, ...). Every Brownian increment of a window (with its Lévy
+        area where the solver needs it) is computed once, vectorised over the inner
+        steps, before the iteration; each inner step is then a deterministic map.
+        With `diffrax.VirtualBrownianTree` the solution is that of the sequential
+        inner solver on the same grid with the same Brownian motion.
+        `diffrax.UnsafeBrownianPath` draws each increment from a key derived from the
+        raw bits of the step's `(t0, t1)`: it reproduces a sequential solve only where
+        the inner step times are bit for bit those of the sequential grid (they are
+        `t0 + (t1 - t0) * (k / num_steps)` within each window), and the Brownian
+        motions of different grids are unrelated.
+    - Stiff problems, with an implicit inner solver: `ImplicitEuler`, `Kvaerno3`,
+        `Kvaerno4`, `Kvaerno5`, ... Each inner step runs the solver's own root finder
+        (the inner solver as a black box), and the iteration's transition is the
+        Jacobian of the whole inner step, through the root find by implicit
+        differentiation. Root-finder tolerances left unset (the default: diffrax
+        takes them from an adaptive step size controller) are filled in with the
+        fixed-point `method`'s own `rtol`/`atol` and the max norm; to compare with a
+        sequential solve to high accuracy, give both the same explicit root finder,
+        e.g. `diffrax.Kvaerno5(root_finder=optimistix.Newton(rtol=1e-10,
+        atol=1e-10))`. IMEX solvers (`KenCarp4`, ...) are not supported yet.
 
     `ParallelSolver` carries the Itô/Stratonovich marker of its inner solver, so
     `isinstance(solver, diffrax.AbstractItoSolver)` answers as the inner solver does.
@@ -454,28 +590,42 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
         # solvers recompute their first stage and a jump at `t0` needs no special care.
         del made_jump
         _check_terms(terms)
-        solver = _with_bounded_scan(self.solver)
         y0_flat, unravel = jfu.ravel_pytree(y0)
+        solver = _with_root_finder_tolerances(
+            _with_bounded_scan(self.solver), *self.method.tolerances(y0_flat.dtype)
+        )
         ts = _inner_grid(t0, t1, self.num_steps)
-        xs = (ts[:-1], ts[1:])
+        increments, make_terms = _store_increments(
+            terms, solver.term_compatible_contr_kwargs, ts
+        )
+        xs = (ts[:-1], ts[1:], increments)
 
-        def inner_step(y_flat, x):
-            ta, tb = x
-            y = unravel(y_flat)
-            state = solver.init(terms, ta, tb, y, args)
-            return solver.step(terms, ta, tb, y, args, state, made_jump=False)
+        def make_inner_step(make_terms):
+            def inner_step(y_flat, x):
+                ta, tb, step_increments = x
+                step_terms = make_terms(step_increments)
+                y = unravel(y_flat)
+                state = solver.init(step_terms, ta, tb, y, args)
+                return solver.step(step_terms, ta, tb, y, args, state, made_jump=False)
 
-        flat_step = _flat_step(solver, terms, args, unravel)
+            return inner_step
+
+        inner_step = make_inner_step(make_terms)
+        flat_step = _flat_step(solver, make_terms, args, unravel)
         if self.coarse_steps == 0:
             guess = None
         else:
+            # The coarse steps take the terms as they are: for an SDE, the Brownian
+            # motion over each long step.
+            coarse_inner_step = make_inner_step(lambda _: terms)
             coarse_ts = _inner_grid(t0, t1, self._num_coarse_steps)
             guess = _coarse_guess(
-                inner_step,
+                lambda y, x: coarse_inner_step(y, (*x, ())),
                 flat_step,
                 solver.interpolation_cls,
                 y0_flat,
                 ts,
+                xs,
                 coarse_ts,
             )
         states, stats = fixed_point_solve(
@@ -549,7 +699,7 @@ _MARKED_CLASSES: dict[tuple[bool, bool], type[ParallelSolver]] = {
 ParallelSolver.__init__.__doc__ = """**Arguments:**
 
 - `solver`: the inner diffrax solver, stepped `num_steps` times per window. An explicit
-    one-step solver; defaults to `diffrax.Tsit5()`.
+    or implicit one-step solver (ODE or SDE); defaults to `diffrax.Tsit5()`.
 - `num_steps`: the number of inner steps per window (static: it fixes array shapes).
     The inner step is `dt0 / num_steps`.
 - `method`: the fixed-point method that solves each window: `partime.Newton()` (the
