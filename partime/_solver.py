@@ -424,8 +424,11 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
         `SaveAt(steps=True)` saves window ends only. `SaveAt(dense=True)` preallocates
         `max_steps` dense infos, each now holding a whole window: set a tight
         `max_steps`.
-    - Events look for sign changes at window ends only: a crossing that re-crosses
-        within one window is missed. Use smaller windows to resolve it.
+    - Events (`diffrax.Event` with a `cond_fn`) look for sign changes at window ends
+        only: a crossing that re-crosses within one window is missed. Use smaller
+        windows to resolve it. A detected crossing is located inside the window by
+        the event's root finder on the inner solver's interpolation, as in a
+        sequential solve on the same grid. Progress meters count windows.
     - The error estimate of a window (for adaptive step size controllers, which then
         adapt the window length) is the sum of the magnitudes of its inner steps'
         error estimates; it scales like the inner solver's, so its `error_order`
@@ -451,7 +454,8 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
     **Supported problems.** Any PyTree `y0` is accepted; it is flattened to one vector
     per step inside the window.
 
-    - ODEs and other deterministic terms (e.g. CDEs with a smooth control), with an
+    - ODEs and other deterministic terms, e.g. CDEs (`ControlTerm` driven by a
+        `diffrax.LinearInterpolation` or `CubicInterpolation` of data), with an
         explicit one-step inner solver: `Euler`, `Heun`, `Midpoint`, `Ralston`,
         `Bosh3`, `Tsit5`, `Dopri5`, `Dopri8`, ...
     - SDEs: terms driven by a Brownian motion, e.g.
