@@ -227,21 +227,24 @@ def _sliding_forward(step, init, xs, guess, scale, *, method, window, length):
         prev = jnp.concatenate([head[None], iterate[:-1]])
         f, transition = method.linearise(step, prev, xs_window)
         residual = iterate - f
-        delta = lx.linear_solve(
-            BidiagonalOperator(transition), -residual, ScanSolver(), throw=False
-        ).value
         scale_window = jnp.roll(
             jax.lax.dynamic_slice_in_dim(scale, start, window), -offset
         )
         tol = scale_window[:, None] * (atol + rtol * jnp.abs(iterate))
-        ok = _within(delta, tol) & _within(residual, tol) & valid
+        # The leading steps whose residual is within tolerance are final: each one's
+        # predecessor is final too (the first one's is `head`).
+        converged = jnp.sum(jnp.cumprod((_within(residual, tol) & valid).astype(int)))
+        delta = lx.linear_solve(
+            BidiagonalOperator(transition), -residual, ScanSolver(), throw=False
+        ).value
+        # The accepted steps take this update too: for Newton it squares their error
+        # (for Jacobi it is one more sweep), for the others it moves them by about
+        # the residuals just found within tolerance.
         new = jnp.where(valid[:, None], iterate + delta, iterate)
-        # The front step's predecessor is final, so its new value is exact: accept it
-        # whatever the test says (the window always advances), but not the steps
-        # after it unless they pass (a small update there says nothing about how
-        # far the front moved, e.g. for Jacobi).
+        # The front step's predecessor is final, so its update is exact: the window
+        # always advances by at least that step.
         new = new.at[0].set(f[0])
-        accepted = jnp.maximum(jnp.sum(jnp.cumprod(ok.astype(jnp.int32))), 1)
+        accepted = jnp.maximum(converged, 1)
 
         first_open = jnp.minimum(accepted, window - 1)
         slow = (accepted < num_valid) & (it + 1 - entered[first_open] >= cap)
@@ -459,7 +462,8 @@ def windowed_solve(
         by `fixed_point_solve` with `method` (any method, its own iteration cap and
         exact fallback) from the previous block's last state.
     - `schedule="sliding"` (ParaDiGMS): a window of `W` steps that, after every
-        iteration, moves forward past its leading steps that have converged, and keeps
+        iteration, moves forward past its leading steps that have converged (their
+        residuals are within tolerance, see below), and keeps
         the rest of its iterate as the next guess; new steps enter at the far end
         from `guess` or, by default, from the window's last value. The step at the
         front of the window is exact after one iteration (its predecessor is final), so
@@ -494,8 +498,10 @@ def windowed_solve(
     result does not depend on the schedule or the window (up to the tolerance), nor do
     its derivatives.
 
-    **Scaled tolerances.** A step is accepted when its update and residual are within
-    `tolerance_scale_t · (atol + rtol·|s_t|)`. A scale above 1 trades accuracy at that
+    **Scaled tolerances.** The sliding window accepts a step when its residual
+    `s_t - step(s_{t-1}, x_t)` is within `tolerance_scale_t · (atol + rtol·|s_t|)`, in
+    every component (and its predecessors are accepted). A scale above 1 trades
+    accuracy at that
     step for fewer iterations: the accepted `s_t` may then be off by about that much
     from `step(s_{t-1}, x_t)`, and the error carries forward through the later steps
     (amplified by the products of their Jacobians). "Equal to `lax.scan` to

@@ -94,18 +94,22 @@ def test_values(values_case, schedule, window):
 
 
 def test_sliding_advances_past_converged_steps(values_case):
-    """The sliding window spends no more iterations than the fixed blocks: it moves
-    on as soon as a step converges instead of waiting for the block's far end."""
-    *_, results = values_case
-    *_, sliding = results["sliding", 16]
-    *_, blocks = results["blocks", 16]
-    assert int(blocks.num_advances) == -(-LENGTH // 16)
-    assert int(sliding.num_iterations) <= int(blocks.num_iterations)
+    """Jacobi converges from the front of a window backwards: the sliding window moves
+    on as each step converges, fixed blocks wait for their far end. (Newton converges
+    the whole window at once, and both schedules take about as many iterations.)"""
+    (cell, init, xs), expected, _, results = values_case
+    *_, newton = results["blocks", 16]
+    assert int(newton.num_advances) == -(-LENGTH // 16)
+    jacobi = partime.Jacobi()
+    *out, sliding = _windowed(40, "sliding", jacobi, return_stats=True)(cell, init, xs)
+    *_, blocks = _windowed(40, "blocks", jacobi, return_stats=True)(cell, init, xs)
+    assert max_rel_error(out, expected) < 1e-8
+    assert int(sliding.num_iterations) < int(blocks.num_iterations)
     assert 1 <= int(sliding.num_advances) <= int(sliding.num_iterations)
 
 
 @pytest.mark.parametrize(
-    "method", [partime.QuasiNewton(), partime.Jacobi()], ids=lambda m: type(m).__name__
+    "method", [partime.QuasiNewton(), partime.Picard()], ids=lambda m: type(m).__name__
 )
 def test_other_methods(values_case, method):
     (cell, init, xs), expected, *_ = values_case
@@ -117,14 +121,14 @@ def test_other_methods(values_case, method):
 @pytest.mark.parametrize("schedule", ["sliding", "blocks"])
 def test_warm_start_guess(schedule):
     """Given the exact trajectory as the guess, every window is accepted at its first
-    iteration: one iteration per window."""
+    iteration (or without one): at most one iteration per window."""
     cell, init, xs = _problem(3, 90, seed=7)
     expected = _lax_scan(cell, init, xs)
     carries = _lax_scan(lambda h, x: (cell(h, x)[0],) * 2, init, xs)[1]
     scan_fn = _windowed(20, schedule, guess=carries, return_stats=True)
     *out, stats = scan_fn(cell, init, xs)
     assert max_rel_error(out, expected) < 1e-8
-    assert int(stats.num_iterations) == 5
+    assert int(stats.num_iterations) <= 5
 
 
 # Gradients -----------------------------------------------------------------------
@@ -193,6 +197,7 @@ def test_pytree_carry_reverse(schedule):
 
 def test_no_xs():
     """No inputs, no outputs (`ys` is `None`), and a window that divides `T`."""
+
     def no_input(carry, _):
         return jax.tree.map(lambda c: 0.5 * jnp.sin(c), carry), None
 
