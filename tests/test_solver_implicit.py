@@ -97,10 +97,31 @@ def test_implicit_solvers(problem, name):
 
 
 def test_default_root_finder_tolerances():
-    # `Kvaerno5()` leaves its root finder's tolerances to the step size controller;
+    # `ImplicitEuler()` leaves its root finder's tolerances to the step size controller;
     # `ParallelSolver` fills in the fixed-point iteration's own.
     _, y0, args, _ = PROBLEMS["linear"]
-    kwargs = dict(problem="linear", name="kvaerno5")
+    kwargs = dict(problem="linear", name="implicit_euler")
     ys = _solve(y0, args, parallel=True, tight=False, **kwargs)
     ref = _solve(y0, args, parallel=False, **kwargs)
     _assert_close(ys, ref, 1e-6)
+
+
+def _loss(y0, args, **kwargs):
+    return jnp.sum(_solve(y0, args, **kwargs) ** 2)
+
+
+_grad = jax.jit(
+    jax.grad(_loss, argnums=(0, 1)),
+    static_argnames=("problem", "name", "parallel", "tight"),
+)
+
+
+def test_implicit_gradients():
+    # Through each inner step's root find by implicit differentiation.
+    _, y0, args, _ = PROBLEMS["linear"]
+    kwargs = dict(problem="linear", name="kvaerno3")
+    grads = _grad(y0, args, parallel=True, **kwargs)
+    ref = _grad(y0, args, parallel=False, **kwargs)
+    for g, r in zip(grads, ref):
+        _assert_close(g, r, 1e-6)
+        assert np.all(np.asarray(g) != 0)
