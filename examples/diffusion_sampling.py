@@ -409,8 +409,10 @@ def main(argv=None):
     # chain: a few tolerances at most in absolute terms (samples are O(1)).
     if not sde_diff <= 20 * args.tolerance:
         failures.append(f"SDE: parallel and sequential differ by {sde_diff:.2e}")
+    # The ODE solves' default tolerance (about 1e-5 per step in float32), carried
+    # along `num_steps` steps.
     for name, diff in (("ParallelSolver", ode_diff), ("sliding", ode_win_diff)):
-        if not diff <= 1e-3:
+        if not diff <= 1e-5 * num_steps:
             failures.append(f"ODE, {name}: differs from sequential by {diff:.2e}")
     for seq, par in ((rows[0], rows[1]), (rows[2], rows[3]), (rows[2], rows[4])):
         d_seq, d_par = distances[seq[0]], distances[par[0]]
