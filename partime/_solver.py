@@ -18,11 +18,13 @@ import optimistix as optx
 from diffrax._root_finder import use_stepsize_tol
 from diffrax._term import AdjointTerm
 from equinox.internal import ω
+from jax.sharding import Mesh
 from jaxtyping import Array, Int, PyTree
 
 from ._fixed_point import fixed_point_solve
 from ._method.base import AbstractMethod
 from ._method.newton import Newton
+from ._sharded_fixed_point import previous_states, sharded_fixed_point_solve
 from ._stats import RESULTS as PARTIME_RESULTS
 
 
@@ -504,6 +506,8 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
     num_steps: int = eqx.field(static=True)
     method: AbstractMethod
     coarse_steps: int | None = eqx.field(static=True)
+    mesh: Mesh | None = eqx.field(static=True)
+    axis_name: str | None = eqx.field(static=True)
 
     def __new__(
         cls,
@@ -511,11 +515,13 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
         num_steps: int = 100,
         method: AbstractMethod | None = None,
         coarse_steps: int | None = None,
+        mesh: Mesh | None = None,
+        axis_name: str | None = None,
     ):
         # diffrax decides Itô vs Stratonovich by `isinstance` on the solver, so the
         # instance must carry the inner solver's marker. One public constructor picks
         # the final subclass that has it.
-        del num_steps, method, coarse_steps
+        del num_steps, method, coarse_steps, mesh, axis_name
         return super().__new__(_marked_class(solver))
 
     def __init__(
@@ -524,11 +530,15 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
         num_steps: int = 100,
         method: AbstractMethod | None = None,
         coarse_steps: int | None = None,
+        mesh: Mesh | None = None,
+        axis_name: str | None = None,
     ):
         self.solver = diffrax.Tsit5() if solver is None else solver
         self.num_steps = num_steps
         self.method = Newton() if method is None else method
         self.coarse_steps = coarse_steps
+        self.mesh = mesh
+        self.axis_name = axis_name
 
     @property
     def _num_coarse_steps(self) -> int:
@@ -632,13 +642,28 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
                 xs,
                 coarse_ts,
             )
-        states, stats = fixed_point_solve(
-            flat_step, y0_flat, xs, self.method, guess=guess
-        )
+        if self.mesh is None:
+            states, stats = fixed_point_solve(
+                flat_step, y0_flat, xs, self.method, guess=guess
+            )
+            y_prevs = jnp.concatenate([y0_flat[None], states[:-1]])
+        else:
+            # The window's inner steps split over the mesh's time axis.
+            states, stats = sharded_fixed_point_solve(
+                flat_step,
+                y0_flat,
+                xs,
+                self.method,
+                mesh=self.mesh,
+                axis_name=self.axis_name,
+                guess=guess,
+            )
+            y_prevs = previous_states(
+                y0_flat, states, mesh=self.mesh, axis_name=self.axis_name
+            )
 
         # One more vectorised pass at the converged states, for the parts of each inner
         # step the iteration does not keep: its error estimate and dense info.
-        y_prevs = jnp.concatenate([y0_flat[None], states[:-1]])
         _, y_errors, dense_infos, _, inner_results = jax.vmap(inner_step)(y_prevs, xs)
         y1 = unravel(states[-1])
 
@@ -713,4 +738,7 @@ ParallelSolver.__init__.__doc__ = """**Arguments:**
     many inner steps, that predict the window's solution as the iteration's first
     guess. `None` (the default) takes `ceil(sqrt(num_steps))`; `0` starts from the
     constant `y(t0)` instead, with no sequential work at all (static).
+- `mesh`, `axis_name`: split each window's inner steps over the devices of mesh axis
+    `axis_name` (which may be omitted on a 1-D mesh); `num_steps` must be a multiple of
+    their number. See [`partime.sharded_fixed_point_solve`][].
 """
