@@ -8,6 +8,7 @@ operator `L` (block lower-bidiagonal, `A_t = ∂f/∂s_{t-1}`), one parallel sca
 lineax. Reverse mode is JAX's transpose of that rule: one reverse scan.
 """
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -19,8 +20,9 @@ import lineax as lx
 from jaxtyping import Array, Bool, Float, Int, PyTree
 
 from ._fallback import sequential_completion
-from ._lds import DenseTransition
-from ._method.base import AbstractMethod
+from ._kalman import damped_solve
+from ._lds import AbstractTransition, DenseTransition
+from ._method.base import AbstractDampedMethod, AbstractMethod
 from ._operator import BidiagonalOperator, ScanSolver
 from ._stats import RESULTS, Stats
 
@@ -39,54 +41,219 @@ def _within(x: Array, tol: Array) -> Bool[Array, " T"]:
     return jnp.all(jnp.abs(x) <= tol, axis=-1)
 
 
+# Safeguard constants. They are fixed rather than options: the convergence study
+# (`benchmarks/convergence.py`) chose them, and they are explained here.
+#
+# Trust region in time (undamped methods). An undamped update is exact on the step
+# after the converged prefix and degrades with distance from it: around a poor
+# iterate the linearised dynamics can be unstable (a flat guess near an unstable
+# equilibrium, an RNN whose Jacobians have spectral radius > 1) and the update grows
+# exponentially along the sequence until it overflows. Each update is therefore
+# trusted only `horizon` steps past the converged prefix; beyond, the new iterate
+# continues the last trusted state as a constant (a fresh flat guess for the unknown
+# part, which keeps the "at least one more step per iteration" guarantee). The
+# horizon starts at `T` (plain DEER), shrinks to a quarter of what was used when the
+# merit over the trusted window grew more than `_SHRINK`-fold, and doubles when it
+# fell at least `1 / _GROW`-fold. An update that makes it grow more than
+# `_DIVERGED`-fold (or non-finite) is rejected and retried over the shorter horizon.
+_SHRINK = 1e4
+_GROW = 0.5
+_DIVERGED = 1e8
+# Levenberg–Marquardt (damped methods): accept when the achieved decrease of the
+# merit is at least this fraction of the predicted one (Nielsen's update of λ).
+_ACCEPT = 1e-4
+# Hopeless-case detection: progress is measured over the last tenth of the cap (at
+# least 2 iterations), so that a larger `max_iters` also means more patience.
+_PATIENCE = 0.1
+
+
+def _merit(residual: Array, mask: Array | None = None) -> Float[Array, ""]:
+    """`½ Σ_t ‖r_t‖²` (over `mask`, if given); `inf` if not finite."""
+    squares = jnp.sum(residual**2, axis=-1)
+    if mask is not None:
+        squares = jnp.where(mask, squares, 0)
+    merit = 0.5 * jnp.sum(squares)
+    return jnp.where(jnp.isfinite(merit), merit, jnp.inf)
+
+
+def _prefix(ok: Bool[Array, " T"]) -> Int[Array, ""]:
+    """The number of leading `True`s."""
+    return jnp.sum(jnp.cumprod(ok.astype(jnp.int32)))
+
+
+class _Carry(eqx.Module):
+    iteration: Int[Array, ""]
+    states: Float[Array, "T d"]
+    transition: AbstractTransition
+    residual: Float[Array, "T d"]
+    merit: Float[Array, ""]
+    prefix: Int[Array, ""]
+    # Whether the update that produced `states` was within tolerance.
+    small_update: Bool[Array, ""]
+    # Undamped methods: the trust horizon. Damped methods: λ and its growth factor.
+    horizon: Int[Array, ""]
+    damping: Float[Array, ""]
+    growth: Float[Array, ""]
+    # (prefix, merit) after each of the last few iterations, oldest first, for the
+    # hopeless-case test.
+    past_prefix: Int[Array, " w"]
+    past_merit: Float[Array, " w"]
+    hopeless: Bool[Array, ""]
+
+
 def _iterate(
     step: Callable, init: Array, xs: PyTree, guess: Array, method: AbstractMethod
 ) -> tuple[Array, Stats]:
     length, size = guess.shape
-    rtol, atol = method.tolerances(init.dtype)
+    dtype = guess.dtype
+    rtol, atol = method.tolerances(dtype)
     cap = method.iteration_cap(length)
+    damped = isinstance(method, AbstractDampedMethod)
     init_finite = jnp.all(jnp.isfinite(init))
+    index = jnp.arange(length)
+    eps = jnp.finfo(dtype).eps
+    window_size = max(2, math.ceil(_PATIENCE * cap))
 
-    def cond_fun(carry):
-        it, _, converged, diverged = carry
-        return (it < cap) & ~converged & ~diverged & init_finite
-
-    def body_fun(carry):
-        it, states, _, _ = carry
+    def evaluate(states):
         f, transition = method.linearise(step, _previous(init, states), xs)
         residual = states - f
+        ok = _within(residual, atol + rtol * jnp.abs(states))
+        return transition, residual, _merit(residual), _prefix(ok)
+
+    def continue_after(states, cut):
+        """Replaces `states[cut:]` by a constant continuation of `states[cut - 1]`."""
+        anchor = jnp.where(cut == 0, init, states[jnp.maximum(cut - 1, 0)])
+        return jnp.where((index >= cut)[:, None], anchor, states)
+
+    def converged(carry):
+        return (carry.prefix == length) & carry.small_update
+
+    def cond_fun(carry):
+        return (
+            (carry.iteration < cap) & ~converged(carry) & ~carry.hopeless & init_finite
+        )
+
+    def body_fun(carry):
         # Delta form: L Δ = -r. Avoids cancellation between s^{(i+1)} and s^{(i)}.
-        delta = lx.linear_solve(
-            BidiagonalOperator(transition), -residual, ScanSolver(), throw=False
-        ).value
-        tol = atol + rtol * jnp.abs(states)
-        converged = jnp.all(_within(delta, tol) & _within(residual, tol))
-        new_states = states + delta
-        finite = jnp.all(jnp.isfinite(new_states))
-        # Keep the last finite iterate: the fallback continues from its prefix.
-        states = jnp.where(finite, new_states, states)
-        return it + 1, states, converged & finite, ~finite
+        if damped:
+            delta = damped_solve(carry.transition, carry.residual, carry.damping)
+        else:
+            delta = carry.transition.solve(-carry.residual)
+        candidate = carry.states + delta
+        finite = jnp.all(jnp.isfinite(candidate), axis=-1)
+        first_bad = jnp.where(jnp.all(finite), length, jnp.argmin(finite))
+        if damped:
+            cut = first_bad
+        else:
+            cut = jnp.minimum(carry.prefix + carry.horizon, first_bad)
+        # Everything past the cut is unknown: continue it as a constant. (An undamped
+        # update is exact at least one step past the prefix, so progress is kept.)
+        candidate = continue_after(candidate, cut)
+        transition, residual, merit, prefix = evaluate(candidate)
 
-    carry = (jnp.array(0), guess, jnp.array(False), jnp.array(False))
-    num_iterations, states, converged, diverged = jax.lax.while_loop(
-        cond_fun, body_fun, carry
+        if damped:
+            # Gain ratio: achieved / predicted decrease of the merit, the prediction
+            # being the Gauss–Newton model ½‖r + L Δ‖² (positive for an LM step).
+            model = carry.residual + BidiagonalOperator(carry.transition).mv(delta)
+            predicted = carry.merit - _merit(model)
+            ratio = (carry.merit - merit) / predicted
+            accept = (cut == length) & jnp.isfinite(merit) & (ratio > _ACCEPT)
+            shrink = jnp.maximum(1 / 3, 1 - (2 * ratio - 1) ** 3)
+            damping = jnp.where(
+                accept, carry.damping * shrink, carry.damping * carry.growth
+            )
+            damping = jnp.clip(damping, eps, 1 / eps)
+            growth = jnp.where(accept, 2.0, 2 * carry.growth)
+            horizon = carry.horizon
+        else:
+            window = index < cut
+            before = _merit(carry.residual, window)
+            after = _merit(residual, window)
+            accept = ~(after > _DIVERGED * before) & jnp.isfinite(after)
+            used = jnp.maximum(cut - carry.prefix, 1)
+            horizon = jnp.where(
+                ~accept | (after > _SHRINK * before),
+                jnp.maximum(used // 4, 1),
+                jnp.where(after <= _GROW * before, jnp.minimum(2 * used, length), used),
+            )
+            damping, growth = carry.damping, carry.growth
+
+        def pick(new, old):
+            return jnp.where(accept, new, old)
+
+        tol = atol + rtol * jnp.abs(candidate)
+        small_update = pick(
+            jnp.all(_within(candidate - carry.states, tol)), carry.small_update
+        )
+        states = pick(candidate, carry.states)
+        transition = jtu.tree_map(pick, transition, carry.transition)
+        residual = pick(residual, carry.residual)
+        merit = pick(merit, carry.merit)
+        prefix = pick(prefix, carry.prefix)
+        iteration = carry.iteration + 1
+
+        # Hopeless case: at the rates at which the converged prefix and the merit
+        # progressed over the last `window_size` iterations, the iteration would not
+        # finish within the cap. (The merit must fall to at most `½ Σ tol²`, a
+        # necessary condition for convergence.) Either rate suffices to go on.
+        old_prefix = carry.past_prefix[0]
+        old_merit = carry.past_merit[0]
+        prefix_rate = (prefix - old_prefix) / window_size
+        prefix_needs = (length - prefix) / jnp.maximum(prefix_rate, eps)
+        target = _merit(atol + rtol * jnp.abs(states))
+        merit_rate = jnp.log(old_merit / merit) / window_size
+        merit_rate = jnp.where(jnp.isfinite(merit_rate), merit_rate, 0)
+        merit_needs = jnp.log(jnp.maximum(merit, target) / target) / jnp.maximum(
+            merit_rate, eps
+        )
+        needs = jnp.minimum(prefix_needs, merit_needs)
+        hopeless = (iteration >= window_size) & (needs > cap - iteration)
+        if not method.fallback:
+            # Without a fallback, stopping early only turns a possible success into
+            # a certain failure.
+            hopeless = jnp.array(False)
+        past_prefix = jnp.concatenate([carry.past_prefix[1:], prefix[None]])
+        past_merit = jnp.concatenate([carry.past_merit[1:], merit[None]])
+
+        return _Carry(
+            iteration=iteration,
+            states=states,
+            transition=transition,
+            residual=residual,
+            merit=merit,
+            prefix=prefix,
+            small_update=small_update,
+            horizon=horizon,
+            damping=damping,
+            growth=growth,
+            past_prefix=past_prefix,
+            past_merit=past_merit,
+            hopeless=hopeless,
+        )
+
+    transition, residual, merit, prefix = evaluate(guess)
+    initial_damping = method.damping if damped else 0.0
+    carry = _Carry(
+        iteration=jnp.array(0),
+        states=guess,
+        transition=transition,
+        residual=residual,
+        merit=merit,
+        prefix=prefix,
+        # At least one iteration: convergence needs a small update too.
+        small_update=jnp.array(False),
+        horizon=jnp.array(length),
+        damping=jnp.asarray(initial_damping, dtype),
+        growth=jnp.asarray(2.0, dtype),
+        past_prefix=jnp.broadcast_to(prefix, (window_size,)),
+        past_merit=jnp.broadcast_to(merit, (window_size,)),
+        hopeless=jnp.array(False),
     )
-
-    # The converged prefix: leading steps whose residual is within tolerance. Computed
-    # in a loop of zero trips when the iteration converged (a `cond` would become a
-    # `select` under `vmap` and always pay for it).
-    def prefix_body(carry):
-        _, _ = carry
-        f = jax.vmap(step)(_previous(init, states), xs)
-        ok = _within(states - f, atol + rtol * jnp.abs(states))
-        return jnp.sum(jnp.cumprod(ok.astype(jnp.int32))), jnp.array(True)
-
-    no_prefix_needed = converged | ~init_finite
-    prefix, _ = jax.lax.while_loop(
-        lambda carry: ~carry[1],
-        prefix_body,
-        (jnp.array(length), no_prefix_needed),
-    )
+    carry = jax.lax.while_loop(cond_fun, body_fun, carry)
+    states = carry.states
+    # The converged prefix of the last iterate is known: no extra evaluation. (With a
+    # non-finite `init` there is nothing to compute: no fallback either.)
+    prefix = jnp.where(init_finite, carry.prefix, length)
 
     if method.fallback:
         # Exact sequential completion from the converged prefix; zero trips if none.
@@ -94,15 +261,16 @@ def _iterate(
         result = RESULTS.where(init_finite, RESULTS.successful, RESULTS.nonfinite_input)
         fallback_start = prefix
     else:
+        diverged = ~jnp.isfinite(carry.merit)
         result = RESULTS.where(
-            converged,
+            converged(carry),
             RESULTS.successful,
             RESULTS.where(diverged, RESULTS.diverged, RESULTS.max_iters_reached),
         )
         result = RESULTS.where(init_finite, result, RESULTS.nonfinite_input)
         fallback_start = jnp.array(length)
     stats = Stats(
-        num_iterations=num_iterations,
+        num_iterations=carry.iteration,
         fallback_start=fallback_start,
         length=length,
         result=result,

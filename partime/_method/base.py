@@ -35,15 +35,28 @@ class AbstractMethod(eqx.Module):
     Every method has:
 
     - `rtol`, `atol`: the iteration has converged when, at every step and in every
-        component, both the update and the residual `r_t = s_t - f_t(s_{t-1})` are at
-        most `atol + rtol·|s_t|`. `None` picks a default from the dtype (1e-10 in
-        float64, ~1e-5 in float32).
+        component, both the last update and the residual `r_t = s_t - f_t(s_{t-1})`
+        of the returned iterate are at most `atol + rtol·|s_t|` (a damped method can
+        take small steps far from the solution, hence both; an exact guess takes
+        one iteration). `None` picks a default from the dtype (1e-10 in float64,
+        ~1e-5 in float32).
     - `max_iters`: the iteration cap (`None`: the method's default). It is also capped
         at `T`: the undamped methods fix at least one more step per iteration, so they
         are exact after `T` iterations.
-    - `fallback`: if the iteration has not converged (cap reached, or NaN/inf produced),
-        compute the steps after the converged prefix sequentially, so that the answer is
-        still exact (`True`, default); or report failure (`False`).
+    - `fallback`: if the iteration does not converge, compute the steps after the
+        converged prefix sequentially, so that the answer is still exact (`True`,
+        default); or report failure (`False`).
+
+    **Safeguards** (every method; see [`partime.fixed_point_solve`][]): non-finite
+    values in an update are cut off and replaced by a constant continuation of the
+    last finite state; undamped methods trust each update only over an adaptive
+    horizon past the converged prefix (a trust region in time: it shrinks when an
+    update makes the residuals there explode, and the update is retried); damped
+    methods adapt their Levenberg–Marquardt damping from the achieved versus
+    predicted reduction of the merit `½ Σ_t ‖r_t‖²`. With `fallback=True` the
+    iteration also stops early when it is hopeless — when, at the rate at which the
+    converged prefix and the merit have progressed over the last few iterations, it
+    would not finish within the cap — and the fallback takes over.
     """
 
     rtol: AbstractVar[float | None]
@@ -90,3 +103,27 @@ class AbstractMethod(eqx.Module):
             value = getattr(self, name)
             if value is not None and not value >= 0:
                 raise ValueError(f"`{name}` must be >= 0, got {value}.")
+
+
+class AbstractDampedMethod(AbstractMethod):
+    """A method whose iterations are damped Gauss–Newton (Levenberg–Marquardt) steps
+    on the merit `½ Σ_t ‖r_t‖²`: each update solves
+    `(LᵀL + λI) Δ = -Lᵀ r` — the smoothed mean of a linear-Gaussian state-space
+    model, by a parallel Kalman filter and smoother — and is accepted only if the merit
+    decreases; `λ` adapts from the ratio of the achieved to the predicted decrease.
+
+    Damped methods no longer fix at least one step per iteration (their converged
+    prefix can stall), in exchange for never increasing the merit.
+
+    - `damping`: the initial `λ > 0`. Larger is more cautious (shorter, more
+        gradient-like steps); `λ → 0` is the undamped method.
+    """
+
+    damping: AbstractVar[float]
+
+    def __check_init__(self):
+        if not self.damping > 0:
+            raise ValueError(
+                f"`damping` must be > 0, got {self.damping}. (For undamped steps use "
+                "the undamped method, e.g. `partime.Newton()`.)"
+            )

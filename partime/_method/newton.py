@@ -5,6 +5,17 @@ from .._lds import DenseTransition
 from .base import AbstractMethod
 
 
+def dense_linearise(step, prev, xs):
+    """`f_t(s_{t-1})` and the full Jacobians `∂f_t/∂s_{t-1}`, by forward mode."""
+
+    def value_and_jac(s, x):
+        value = step(s, x)
+        return value, value
+
+    jac, f = jax.vmap(jax.jacfwd(value_and_jac, has_aux=True))(prev, xs)
+    return f, DenseTransition(jac)
+
+
 class Newton(AbstractMethod):
     """Newton's method over the whole sequence (DEER).
 
@@ -40,9 +51,4 @@ class Newton(AbstractMethod):
         return 50
 
     def linearise(self, step, prev, xs):
-        def value_and_jac(s, x):
-            value = step(s, x)
-            return value, value
-
-        jac, f = jax.vmap(jax.jacfwd(value_and_jac, has_aux=True))(prev, xs)
-        return f, DenseTransition(jac)
+        return dense_linearise(step, prev, xs)

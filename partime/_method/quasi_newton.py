@@ -27,6 +27,17 @@ def jacobian_diagonal(step, prev, xs, batch_size):
     return diagonal.T
 
 
+def diagonal_linearise(step, prev, xs, jacobian_batch_size):
+    """`f_t(s_{t-1})` and `diag(∂f_t/∂s_{t-1})`."""
+    length, size = prev.shape
+    if jacobian_batch_size is None:
+        batch_size = max(1, min(size, 2**22 // max(1, length * size)))
+    else:
+        batch_size = jacobian_batch_size
+    f = jax.vmap(step)(prev, xs)
+    return f, DiagonalTransition(jacobian_diagonal(step, prev, xs, batch_size))
+
+
 class QuasiNewton(AbstractMethod):
     """Quasi-Newton over the whole sequence (quasi-DEER): `Ã_t = diag(∂f_t/∂s_{t-1})`.
 
@@ -66,10 +77,4 @@ class QuasiNewton(AbstractMethod):
         return 200
 
     def linearise(self, step, prev, xs):
-        length, size = prev.shape
-        if self.jacobian_batch_size is None:
-            batch_size = max(1, min(size, 2**22 // max(1, length * size)))
-        else:
-            batch_size = self.jacobian_batch_size
-        f = jax.vmap(step)(prev, xs)
-        return f, DiagonalTransition(jacobian_diagonal(step, prev, xs, batch_size))
+        return diagonal_linearise(step, prev, xs, self.jacobian_batch_size)
