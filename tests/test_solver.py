@@ -65,8 +65,10 @@ def _assert_close(x, y, rtol, atol=None):
 
 def _assert_well_behaved(solver_state, num_windows, max_iters_per_window=8):
     assert int(solver_state.num_fallbacks) == 0
+    # A window whose first guess already satisfies every step's equation to
+    # tolerance (e.g. Dopri8's coarse prediction on a smooth problem) takes none.
     iters = int(solver_state.num_iterations)
-    assert num_windows <= iters <= max_iters_per_window * num_windows
+    assert 0 <= iters <= max_iters_per_window * num_windows
 
 
 #
