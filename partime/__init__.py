@@ -9,7 +9,11 @@ from ._lds import (
     sequential_solve as sequential_solve,
     ZeroTransition as ZeroTransition,
 )
-from ._method.base import AbstractMethod as AbstractMethod
+from ._method.base import (
+    AbstractDampedMethod as AbstractDampedMethod,
+    AbstractMethod as AbstractMethod,
+)
+from ._method.elk import ELK as ELK, QuasiELK as QuasiELK
 from ._method.jacobi import Jacobi as Jacobi
 from ._method.newton import Newton as Newton
 from ._method.picard import Picard as Picard
