@@ -98,6 +98,7 @@ class _Carry(eqx.Module):
     # hopeless-case test.
     past_prefix: Int[Array, " w"]
     past_merit: Float[Array, " w"]
+    rejected: Bool[Array, ""]
     hopeless: Bool[Array, ""]
 
 
@@ -111,7 +112,7 @@ def _iterate(
     damped = isinstance(method, AbstractDampedMethod)
     init_finite = jnp.all(jnp.isfinite(init))
     index = jnp.arange(length)
-    eps = jnp.finfo(dtype).eps
+    eps = float(jnp.finfo(dtype).eps)
     window_size = max(2, math.ceil(_PATIENCE * cap))
 
     def evaluate(states):
@@ -208,6 +209,11 @@ def _iterate(
         )
         needs = jnp.minimum(prefix_needs, merit_needs)
         hopeless = (iteration >= window_size) & (needs > cap - iteration)
+        if not damped:
+            # Two undamped updates in a row rejected: even over a quarter of the
+            # horizon the linearisation blew up. (Damped methods reject routinely
+            # while their trust region adapts.)
+            hopeless = hopeless | (carry.rejected & ~accept)
         if not method.fallback:
             # Without a fallback, stopping early only turns a possible success into
             # a certain failure.
@@ -228,6 +234,7 @@ def _iterate(
             growth=growth,
             past_prefix=past_prefix,
             past_merit=past_merit,
+            rejected=~accept,
             hopeless=hopeless,
         )
 
@@ -247,13 +254,23 @@ def _iterate(
         growth=jnp.asarray(2.0, dtype),
         past_prefix=jnp.broadcast_to(prefix, (window_size,)),
         past_merit=jnp.broadcast_to(merit, (window_size,)),
+        rejected=jnp.array(False),
         hopeless=jnp.array(False),
     )
     carry = jax.lax.while_loop(cond_fun, body_fun, carry)
     states = carry.states
-    # The converged prefix of the last iterate is known: no extra evaluation. (With a
-    # non-finite `init` there is nothing to compute: no fallback either.)
-    prefix = jnp.where(init_finite, carry.prefix, length)
+    # Where the fallback starts: after the leading steps that are exact to rounding,
+    # not merely within tolerance. Residuals within tolerance near the front of the
+    # prefix are errors that the remaining steps would amplify (by e^{λ·time} on a
+    # chaotic system: 1e-10 becomes 1e-3 over 20 Lorenz time units), so that the
+    # fallback would not reproduce the sequential answer. Newton-type iterations
+    # reach rounding level one iteration after tolerance, so this costs few extra
+    # sequential steps. The residuals of the last iterate are in the carry: no extra
+    # evaluation. (A non-finite `init` leaves nothing to compute: no fallback.)
+    exact = min(atol, 100 * eps) + min(rtol, 100 * eps) * jnp.abs(states)
+    exact_prefix = jnp.minimum(_prefix(_within(carry.residual, exact)), carry.prefix)
+    prefix = jnp.where(converged(carry), length, exact_prefix)
+    prefix = jnp.where(init_finite, prefix, length)
 
     if method.fallback:
         # Exact sequential completion from the converged prefix; zero trips if none.
@@ -336,13 +353,42 @@ def fixed_point_solve(
         `length` is given.
     - `method`: an [`partime.AbstractMethod`][].
     - `length`: `T`, needed only when `xs` has no leaves.
-    - `guess`: the first iterate for `s_1..s_T`; defaults to `s_0` at every step.
+    - `guess`: the first iterate for `s_1..s_T`; defaults to `s_0` at every step. A
+        good guess saves iterations: the previous trajectory when parameters change
+        little (between training steps), or a cheap coarse sequential pass (for an
+        ODE, a few long steps interpolated; `partime.ParallelSolver` does this).
 
     **Returns:** `(states, stats)`: `s_1..s_T` with shape `(T, d)`, and a
     [`partime.Stats`][].
 
     Differentiable (forward and reverse mode) with respect to `init`, the floating
     leaves of `xs`, and arrays closed over by `step`, by implicit differentiation.
+
+    **Safeguards.** Every iteration is checked, for every method:
+
+    - *Non-finite values.* An update that overflows is cut at its first non-finite
+        step and continued from the last finite state as a constant; the steps before
+        it (including the next one after the converged prefix, which an undamped
+        update always gets right) are kept. The iterate is never NaN.
+    - *Divergence.* Undamped methods trust each update over a horizon past the
+        converged prefix (initially all of `T`): it shrinks 4× when the update makes
+        the merit `½ Σ ‖r_t‖²` over it grow 10⁴-fold, and doubles when the merit
+        halves. An update that makes it grow 10⁸-fold (or non-finite) is rejected and
+        retried over the shorter horizon. Damped methods ([`partime.ELK`][],
+        [`partime.QuasiELK`][]) accept a step only if it decreases the merit, and
+        adapt their damping from the achieved versus predicted decrease.
+    - *Hopeless cases.* With `fallback=True`, the iteration stops when, at the rate
+        at which the converged prefix and the merit have progressed over the last
+        tenth of the cap (at least 2 iterations), it would not finish within the
+        cap — or after two undamped updates in a row were rejected. A larger
+        `max_iters` therefore also means more patience. Chaotic recurrences (positive
+        largest Lyapunov exponent, e.g. Lorenz-63 over many Lyapunov times) are
+        stopped after 2–5 iterations instead of running to the cap.
+    - *Exact fallback.* If the iteration did not converge, the steps after the
+        leading ones that are exact to rounding are recomputed sequentially (a
+        `while_loop` of zero trips when it converged). Restarting after the steps
+        that are merely within tolerance would let a chaotic recurrence amplify
+        their errors (by `e^{λ t}`) far beyond it.
     """
     if not isinstance(method, AbstractMethod):
         raise TypeError(
