@@ -1,0 +1,214 @@
+"""Safeguards of the fixed-point loop, for every method: never NaN, never a wrong
+answer reported as a success; convergence (with an iteration bound) where the method
+gets there, the exact sequential fallback where it does not, and an early stop when
+the iteration is hopeless."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import pytest
+
+import partime
+from partime._method.elk import ELK, QuasiELK
+
+from .helpers import max_rel_error
+
+
+METHODS = {
+    "Newton": partime.Newton(),
+    "QuasiNewton": partime.QuasiNewton(),
+    "Picard": partime.Picard(),
+    "Jacobi": partime.Jacobi(),
+    "ELK": ELK(),
+    "QuasiELK": QuasiELK(),
+}
+
+
+def _rk4(vector_field, h):
+    def step(y, t):
+        k1 = vector_field(y)
+        k2 = vector_field(y + h / 2 * k1)
+        k3 = vector_field(y + h / 2 * k2)
+        k4 = vector_field(y + h * k3)
+        y = y + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+        return y, y[0]
+
+    return step
+
+
+def _van_der_pol(mu):
+    def vector_field(y):
+        x, v = y
+        return jnp.stack([v, mu * (1 - x**2) * v - x])
+
+    return vector_field
+
+
+def _lorenz(y):
+    x, yy, z = y
+    return jnp.stack([10 * (yy - x), x * (28 - z) - yy, x * yy - 8 / 3 * z])
+
+
+def _rnn(gain, size=8, length=1000, input_scale=1.0):
+    k1, k2, k3 = jr.split(jr.PRNGKey(0), 3)
+    weights = jr.normal(k1, (size, size)) / size**0.5
+    weights = gain * weights / jnp.max(jnp.abs(jnp.linalg.eigvals(weights)))
+    inputs = jr.normal(k2, (size, 2))
+
+    def cell(h, x):
+        h = jnp.tanh(weights @ h + inputs @ x)
+        return h, h[0]
+
+    return cell, jnp.zeros(size), input_scale * jr.normal(k3, (length, 2))
+
+
+LENGTH = 2000
+H = 0.01  # 20 time units: about three van der Pol periods, Lorenz well into chaos.
+PROBLEMS = {
+    "vdp-1": (
+        _rk4(_van_der_pol(1.0), H),
+        jnp.array([2.0, 0.0]),
+        jnp.arange(LENGTH) * H,
+    ),
+    "vdp-10": (
+        _rk4(_van_der_pol(10.0), H),
+        jnp.array([2.0, 0.0]),
+        jnp.arange(LENGTH) * H,
+    ),
+    "lorenz": (_rk4(_lorenz, H), jnp.array([1.0, 1.0, 1.0]), jnp.arange(LENGTH) * H),
+    # Spectral radius 1.5 at the constant guess h = 0: contracting along the
+    # trajectory, but undamped Newton's first update grows like 1.5^t and overflows.
+    "rnn": _rnn(1.5),
+}
+
+# Where a method converges without the fallback, at most this many iterations
+# (the defaults as shipped; `None`: it may fall back). The study in
+# `benchmarks/convergence.py` has the full picture.
+CONVERGES = {
+    ("vdp-1", "QuasiNewton"): 100,
+    ("rnn", "QuasiNewton"): 110,
+    ("rnn", "Jacobi"): 110,
+}
+
+
+@pytest.fixture(scope="module")
+def references():
+    return {
+        name: jax.jit(lambda i, x, f=f: jax.lax.scan(f, i, x))(init, xs)
+        for name, (f, init, xs) in PROBLEMS.items()
+    }
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("problem", list(PROBLEMS))
+def test_exact_and_finite(references, problem, method):
+    cell, init, xs = PROBLEMS[problem]
+    solve = jax.jit(
+        lambda i, x: partime.scan(cell, i, x, method=METHODS[method], return_stats=True)
+    )
+    *out, stats = solve(init, xs)
+    assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(out))
+    assert stats.result == partime.RESULTS.successful
+    # Lorenz over 20 time units amplifies rounding by ~e^18: the fallback restarts
+    # from steps exact to rounding, so that even there the answers agree.
+    assert max_rel_error(out, references[problem]) < 1e-8
+    bound = CONVERGES.get((problem, method))
+    if bound is not None:
+        assert not stats.fell_back
+        assert int(stats.num_iterations) <= bound
+    if problem == "lorenz":
+        # Chaotic: hopeless for every method. The test stops the iteration after
+        # the first tenth of its cap (at least 2 iterations) without progress.
+        cap = METHODS[method].iteration_cap(LENGTH)
+        assert stats.fell_back
+        assert int(stats.num_iterations) <= max(2, math.ceil(0.1 * cap)) + 1
+
+
+def test_hopeless_only_with_fallback():
+    """Without a fallback the iteration runs to its cap (stopping early could only
+    turn a late success into a failure) and says it failed."""
+    cell, init, xs = PROBLEMS["lorenz"]
+    method = partime.Newton(max_iters=12, fallback=False)
+    *out, stats = partime.scan(
+        cell, init, xs, method=method, return_stats=True, throw=False
+    )
+    assert int(stats.num_iterations) == 12
+    assert stats.result == partime.RESULTS.max_iters_reached
+    assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(out))
+
+
+def test_overflowing_update_is_cut_not_nan():
+    """Newton's first update from the constant guess overflows on the unstable RNN.
+    The non-finite tail is cut off and continued as a constant, so the iterate stays
+    finite and the converged prefix keeps growing."""
+    cell, init, xs = _rnn(3.0, length=500, input_scale=0.3)
+    for max_iters in (1, 4):
+        method = partime.Newton(max_iters=max_iters, fallback=False)
+        final, ys, stats = partime.scan(
+            cell, init, xs, method=method, return_stats=True, throw=False
+        )
+        assert bool(jnp.all(jnp.isfinite(ys))) and bool(jnp.all(jnp.isfinite(final)))
+        assert stats.result != partime.RESULTS.successful
+
+
+def test_trust_region_in_time():
+    """A damped pendulum started near the upright position. Around the constant
+    guess the linearisation is unstable (e^{0.68 t}: overflow over 50 time units), so
+    plain DEER wastes most of its iterations on garbage; trusting each update only
+    over an adaptive horizon converges in a handful."""
+    pendulum = lambda y: jnp.stack([y[1], -jnp.sin(y[0]) - 0.5 * y[1]])
+    cell = _rk4(pendulum, H)
+    init, xs = jnp.array([2.5, 0.0]), jnp.arange(5000) * H
+    method = partime.Newton(max_iters=20, fallback=False)
+    *out, stats = partime.scan(cell, init, xs, method=method, return_stats=True)
+    assert int(stats.num_iterations) <= 12
+    assert max_rel_error(out, jax.lax.scan(cell, init, xs)) < 1e-8
+
+
+def test_damped_merit_never_increases():
+    """ELK's steps are accepted only if they decrease the merit ½Σ‖r_t‖²."""
+    cell, init, xs = _rnn(3.0, length=300, input_scale=0.3)
+
+    def step(s, x):
+        return cell(s, x)[0]
+
+    @jax.jit
+    def merit(states):
+        prev = jnp.concatenate([init[None], states[:-1]])
+        return 0.5 * jnp.sum((states - jax.vmap(step)(prev, xs)) ** 2)
+
+    merits = [merit(jnp.broadcast_to(init, (300, init.shape[0])))]
+    for max_iters in (1, 4):
+        method = ELK(max_iters=max_iters, fallback=False)
+        solve = jax.jit(lambda i, x: partime.fixed_point_solve(step, i, x, method))
+        merits.append(merit(solve(init, xs)[0]))
+    assert all(bool(b <= a) for a, b in zip(merits, merits[1:]))
+    assert bool(merits[-1] < merits[0])
+
+
+def test_nonfinite_init_never_success():
+    cell, init, xs = PROBLEMS["vdp-1"]
+    for method in (partime.Newton(), QuasiELK(fallback=False)):
+        *_, stats = partime.scan(
+            cell,
+            init.at[0].set(jnp.nan),
+            xs,
+            method=method,
+            return_stats=True,
+            throw=False,
+        )
+        assert stats.result == partime.RESULTS.nonfinite_input
+
+
+def test_vmap_mixed_batch(references):
+    """One contracting member (converges) and one chaotic member (falls back) in one
+    batch: both exact."""
+    cell, init, xs = PROBLEMS["lorenz"]
+    inits = jnp.stack([init, jnp.zeros(3)])  # The origin is a fixed point.
+    solve = jax.vmap(lambda i: partime.scan(cell, i, xs, return_stats=True))
+    final, ys, stats = solve(inits)
+    expected = jax.vmap(lambda i: jax.lax.scan(cell, i, xs))(inits)
+    assert max_rel_error((final, ys), expected) < 1e-8
+    assert bool(stats.fell_back[0]) and not bool(stats.fell_back[1])
