@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 out=docs/_static/examples
 mkdir -p "$out"
-for name in neural_ode long_sequences; do
+for name in neural_ode neural_sde long_sequences stiff; do
     echo "== $name"
     # tqdm draws on stderr; stdout holds what the page shows.
     MPLBACKEND=Agg python "examples/$name.py" --out "$out/$name.png" | tee "$out/$name.txt"
