@@ -1,9 +1,24 @@
+import gc
+
 import jax
 import jax.random as jr
 import pytest
 
 
 jax.config.update("jax_enable_x64", True)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_code():
+    """Frees each test module's compiled executables when the module is done.
+
+    Every XLA:CPU executable keeps its own memory mappings alive; the whole suite in
+    one process otherwise exceeds Linux's default `vm.max_map_count` (65530), and
+    the next compilation crashes with a segmentation fault.
+    """
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture
