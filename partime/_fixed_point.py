@@ -63,7 +63,8 @@ _DIVERGED = 1e8
 # merit is at least this fraction of the predicted one (Nielsen's update of λ).
 _ACCEPT = 1e-4
 # Hopeless-case detection: progress is measured over the last tenth of the cap (at
-# least 2 iterations), so that a larger `max_iters` also means more patience.
+# least 2 iterations), and undamped updates may be rejected a twentieth of the cap
+# times in a row (at least 2), so that a larger `max_iters` also means more patience.
 _PATIENCE = 0.1
 
 
@@ -98,7 +99,8 @@ class _Carry(eqx.Module):
     # hopeless-case test.
     past_prefix: Int[Array, " w"]
     past_merit: Float[Array, " w"]
-    rejected: Bool[Array, ""]
+    # Undamped updates rejected in a row.
+    rejections: Int[Array, ""]
     hopeless: Bool[Array, ""]
 
 
@@ -114,6 +116,7 @@ def _iterate(
     index = jnp.arange(length)
     eps = float(jnp.finfo(dtype).eps)
     window_size = max(2, math.ceil(_PATIENCE * cap))
+    max_rejections = max(2, math.ceil(_PATIENCE * cap / 2))
 
     def evaluate(states):
         f, transition = method.linearise(step, _previous(init, states), xs)
@@ -209,11 +212,13 @@ def _iterate(
         )
         needs = jnp.minimum(prefix_needs, merit_needs)
         hopeless = (iteration >= window_size) & (needs > cap - iteration)
+        rejections = jnp.where(accept, 0, carry.rejections + 1)
         if not damped:
-            # Two undamped updates in a row rejected: even over a quarter of the
-            # horizon the linearisation blew up. (Damped methods reject routinely
-            # while their trust region adapts.)
-            hopeless = hopeless | (carry.rejected & ~accept)
+            # Undamped updates rejected again and again (two in a row by default):
+            # even over a horizon a quarter as long, then a sixteenth, the
+            # linearisation blew up. (Damped methods reject routinely while their
+            # trust region adapts.)
+            hopeless = hopeless | (rejections >= max_rejections)
         if not method.fallback:
             # Without a fallback, stopping early only turns a possible success into
             # a certain failure.
@@ -234,7 +239,7 @@ def _iterate(
             growth=growth,
             past_prefix=past_prefix,
             past_merit=past_merit,
-            rejected=~accept,
+            rejections=rejections,
             hopeless=hopeless,
         )
 
@@ -254,7 +259,7 @@ def _iterate(
         growth=jnp.asarray(2.0, dtype),
         past_prefix=jnp.broadcast_to(prefix, (window_size,)),
         past_merit=jnp.broadcast_to(merit, (window_size,)),
-        rejected=jnp.array(False),
+        rejections=jnp.array(0),
         hopeless=jnp.array(False),
     )
     carry = jax.lax.while_loop(cond_fun, body_fun, carry)
@@ -313,12 +318,14 @@ def _solve_jvp(primals, tangents, *, method):
     step, init, xs, guess = primals
     t_step, t_init, t_xs, _ = tangents
     states, stats = _solve(step, init, xs, guess, method=method)
-    fixed_states = jax.lax.stop_gradient(states)
+    # No `stop_gradient` on the solution or the Jacobians below: differentiating
+    # this rule again (for second derivatives) must see how they move. At first
+    # order they are known values, and the rule costs the same.
 
     # Right-hand side: how f_t moves with (s_0, x_t, θ) at the solution, with the
     # previous states held fixed (their motion is what L accounts for).
     def evaluate(step, init, xs):
-        return jax.vmap(step)(_previous(init, fixed_states), xs)
+        return jax.vmap(step)(_previous(init, states), xs)
 
     primals_in = (step, init, xs)
     tangents_in = jtu.tree_map(
@@ -326,8 +333,8 @@ def _solve_jvp(primals, tangents, *, method):
     )
     _, rhs = eqx.filter_jvp(evaluate, primals_in, tangents_in)
 
-    jacobians = jax.vmap(jax.jacfwd(step))(_previous(init, fixed_states), xs)
-    operator = BidiagonalOperator(DenseTransition(jax.lax.stop_gradient(jacobians)))
+    jacobians = jax.vmap(jax.jacfwd(step))(_previous(init, states), xs)
+    operator = BidiagonalOperator(DenseTransition(jacobians))
     t_states = lx.linear_solve(operator, rhs, ScanSolver()).value
     t_stats = jtu.tree_map(lambda _: None, stats)
     return (states, stats), (t_states, t_stats)
@@ -380,10 +387,13 @@ def fixed_point_solve(
     - *Hopeless cases.* With `fallback=True`, the iteration stops when, at the rate
         at which the converged prefix and the merit have progressed over the last
         tenth of the cap (at least 2 iterations), it would not finish within the
-        cap — or after two undamped updates in a row were rejected. A larger
-        `max_iters` therefore also means more patience. Chaotic recurrences (positive
-        largest Lyapunov exponent, e.g. Lorenz-63 over many Lyapunov times) are
-        stopped after 2–5 iterations instead of running to the cap.
+        cap — or after a twentieth of the cap (at least 2) undamped updates in a
+        row were rejected. A larger `max_iters` therefore also means more
+        patience. Chaotic recurrences (positive largest Lyapunov exponent, e.g.
+        Lorenz-63 over many Lyapunov times) are stopped after 2–5 iterations instead
+        of running to the cap. The price: a predictable problem whose first updates
+        go badly (from a poor guess) can be stopped too, and finished sequentially —
+        exact, only not parallel; a better guess or a larger `max_iters` helps.
     - *Exact fallback.* If the iteration did not converge, the steps after the
         leading ones that are exact to rounding are recomputed sequentially (a
         `while_loop` of zero trips when it converged). Restarting after the steps

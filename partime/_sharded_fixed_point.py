@@ -109,8 +109,10 @@ def _iterate(
     count: int,
     length: int,
 ) -> tuple[Array, Stats]:
-    """One device's share of `partime._fixed_point._iterate`; call inside
-    `shard_map`. Same iterates, same stopping rule, same fallback."""
+    """One device's share of the plain (undamped, full-horizon) iteration of
+    `partime._fixed_point._iterate`; call inside `shard_map`. Same iterates and
+    convergence test, same exact fallback; no trust region in time and no early
+    stop of hopeless cases (see `sharded_fixed_point_solve`)."""
     chunk = guess.shape[0]
     rtol, atol = method.tolerances(init.dtype)
     cap = method.iteration_cap(length)
@@ -254,7 +256,8 @@ def _solve_jvp(primals, tangents, *, method, mesh, axis_name):
     states, stats = _solve(
         step, init, xs, guess, method=method, mesh=mesh, axis_name=axis_name
     )
-    fixed_states = jax.lax.stop_gradient(states)
+    # No `stop_gradient` on the solution or the Jacobians: differentiating this
+    # rule again (second derivatives) must see how they move.
     count = mesh.shape[axis_name]
     time, replicated = PartitionSpec(axis_name), PartitionSpec()
     local = lambda fn: filter_shard_map(
@@ -270,21 +273,21 @@ def _solve_jvp(primals, tangents, *, method, mesh, axis_name):
     # JAX transposes this `shard_map`: the replicated `s_0` and `θ` get their
     # cotangents by one `psum`.)
     def evaluate(step, init, xs):
-        return local(_local_values)(step, init, xs, fixed_states)
+        return local(_local_values)(step, init, xs, states)
 
     primals_in = (step, init, xs)
     tangents_in = jtu.tree_map(
         _zeros_for_none, primals_in, (t_step, t_init, t_xs), is_leaf=lambda x: x is None
     )
     _, rhs = eqx.filter_jvp(evaluate, primals_in, tangents_in)
-    jacobians = local(_local_jacobians)(step, init, xs, fixed_states)
+    jacobians = local(_local_jacobians)(step, init, xs, states)
     # The Newton system at the solution, solved across devices. Not through lineax
     # with `ShardedScanSolver`: lineax's transpose rule always runs its error check,
     # a host callback on the solution, and the compiler gathers a sharded solution
     # onto one device for it. JAX transposes this solve itself, into a `shard_map`
     # that communicates as little (a `psum_scatter` of the chunk summaries).
     t_states = sharded_solve(
-        DenseTransition(jax.lax.stop_gradient(jacobians)),
+        DenseTransition(jacobians),
         rhs,
         mesh=mesh,
         axis_name=axis_name,
@@ -310,9 +313,15 @@ def sharded_fixed_point_solve(
     Device `p` of `P` holds steps `pT/P + 1 .. (p+1)T/P` of the states, the inputs
     and (for Newton) the Jacobians, so memory per device falls like `1/P`. Per
     iteration the devices exchange only `O(P·(d² + d))` numbers (each chunk's affine
-    summary), never `O(T·d)`. The iterates, the stopping rule, the exact sequential
-    fallback and the implicit derivatives are those of the unsharded solve; the
-    results agree with it to rounding.
+    summary), never `O(T·d)`. The iterates, the convergence test, the exact
+    sequential fallback and the implicit derivatives are those of the unsharded
+    solve, and the results agree with it to rounding. The one-device solve's
+    safeguards that need global bookkeeping every iteration — the trust region in
+    time, the damped methods' merit test and the early stop of hopeless cases — are
+    not (yet) sharded: here the iteration runs until it converges, produces a
+    non-finite value, or reaches the cap, and then falls back. So on a problem the
+    one-device solve gives up on early, this one may spend more iterations (and
+    vice versa), with the same exact answer.
 
     **Arguments:**
 

@@ -373,8 +373,10 @@ def _tangent_solve(step, init, states, xs, tangents, *, window, length):
     t_step, t_init, t_xs = jtu.tree_map(
         _zeros_for_none, (step, init, xs), tangents, is_leaf=lambda x: x is None
     )
-    init = jax.lax.stop_gradient(init)
-    prev = jnp.concatenate([init[None], jax.lax.stop_gradient(states)[:-1]])
+    # No `stop_gradient` on the solution or the Jacobians: differentiating this
+    # rule again (second derivatives) must see how they move; at first order they
+    # are known values and cost nothing more.
+    prev = jnp.concatenate([init[None], states[:-1]])
 
     def block(t_in, inputs):
         prev_block, xs_block, t_xs_block = inputs
@@ -387,7 +389,7 @@ def _tangent_solve(step, init, states, xs, tangents, *, window, length):
             (t_step, t_prev, t_xs_block),
         )
         jacobians = jax.vmap(jax.jacfwd(step))(prev_block, xs_block)
-        operator = BidiagonalOperator(DenseTransition(jax.lax.stop_gradient(jacobians)))
+        operator = BidiagonalOperator(DenseTransition(jacobians))
         t_states = lx.linear_solve(operator, rhs, ScanSolver()).value
         return t_states[-1], t_states
 
@@ -397,7 +399,7 @@ def _tangent_solve(step, init, states, xs, tangents, *, window, length):
     num_blocks = -(-length // window)
     pad = num_blocks * window - length
     if pad:
-        last = jax.lax.stop_gradient(states[-1])
+        last = states[-1]
         prev = jnp.concatenate([prev, jnp.broadcast_to(last, (pad,) + last.shape)])
         xs = _pad_edge(xs, pad)
         t_xs = jtu.tree_map(

@@ -97,16 +97,16 @@ def _max_error(x, y):
 
 
 def _assert_same_stats(stats, reference):
-    """The same outcome as on one device: result, and whether the fallback ran.
+    """The same outcome as on one device.
 
-    (The sharded loop follows the one-device loop's rules as of this file's writing,
-    and then takes exactly the same iterations and fallback start; that is not
-    asserted, so that a change of those rules in `partime/_fixed_point.py` does not
-    fail here before it is ported to `partime/_sharded_fixed_point.py`.)
+    Whether the fallback ran may differ: the one-device loop also stops hopeless
+    cases early, which the sharded loop does not (its docstring says so). Where the
+    one-device solve converged without fallback, the sharded one must too.
     """
     assert stats.length == reference.length
     assert bool(stats.result == reference.result)
-    assert bool(stats.fell_back) == bool(reference.fell_back)
+    if not bool(reference.fell_back):
+        assert not bool(stats.fell_back)
 
 
 # The LDS engine.

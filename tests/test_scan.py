@@ -221,6 +221,24 @@ def test_forward_mode(gradient_case):
     assert jnp.allclose(got, expected, rtol=1e-6)
 
 
+@pytest.mark.parametrize("window", [None, 16], ids=["one-window", "windowed"])
+def test_second_order(window):
+    """Hessian-vector products (forward over reverse) and second reverse-mode
+    gradients equal those through `lax.scan`: the derivative rule is itself
+    differentiated, so it must see how the solution and its Jacobians move."""
+    cell, init, xs = _gru_problem(3, 50, seed=6)
+    scan_fn = lambda f, i, x: partime.scan(f, i, x, window=window)
+    grad = lambda fn: jax.grad(lambda i, c: _loss(fn, c, i, xs), argnums=(0, 1))
+    tangents = (jnp.ones_like(init), jax.tree.map(jnp.ones_like, cell))
+    hvp = lambda fn: jax.jvp(grad(fn), (init, cell), tangents)[1]
+    expected, got = hvp(_lax_scan), hvp(scan_fn)
+    assert max_rel_error(got, expected) < 1e-6
+    assert all(jnp.max(jnp.abs(g)) > 1e-6 for g in jax.tree.leaves(got))
+    # Reverse over reverse, of a scalar function of the gradient.
+    square = lambda fn: jax.grad(lambda i: jnp.sum(grad(fn)(i, cell)[0] ** 2))(init)
+    assert max_rel_error(square(scan_fn), square(_lax_scan)) < 1e-6
+
+
 @pytest.mark.parametrize("method", all_methods[1:], ids=lambda m: type(m).__name__)
 def test_gradients_other_methods(method):
     cell, init, xs = _gru_problem(3, 60, seed=5)
