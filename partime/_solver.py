@@ -26,6 +26,7 @@ from ._method.base import AbstractMethod
 from ._method.newton import Newton
 from ._sharded_fixed_point import previous_states, sharded_fixed_point_solve
 from ._stats import RESULTS as PARTIME_RESULTS
+from ._windowed import windowed_solve
 
 
 class ParallelSolverState(eqx.Module):
@@ -402,6 +403,12 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
     the inner steps better (a smaller largest residual) than the constant guess
     `y(t0)`: coarse steps can be unstable where the inner steps are not.
 
+    With `window=W` (at most `num_steps`), at most `W` inner steps are iterated on at
+    a time, in a window that slides forward as its leading steps converge (the
+    ParaDiGMS schedule of [`partime.windowed_solve`][]): a long window whose far end
+    converges slowly does not redo its converged head, and Newton's memory is
+    `O(W d²)` rather than `O(num_steps · d²)`. The result is the same.
+
     ```python
     term = diffrax.ODETerm(lambda t, y, args: -y)
     solver = partime.ParallelSolver(diffrax.Tsit5(), num_steps=1000)
@@ -506,6 +513,7 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
     num_steps: int = eqx.field(static=True)
     method: AbstractMethod
     coarse_steps: int | None = eqx.field(static=True)
+    window: int | None = eqx.field(static=True)
     mesh: Mesh | None = eqx.field(static=True)
     axis_name: str | None = eqx.field(static=True)
 
@@ -515,13 +523,14 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
         num_steps: int = 100,
         method: AbstractMethod | None = None,
         coarse_steps: int | None = None,
+        window: int | None = None,
         mesh: Mesh | None = None,
         axis_name: str | None = None,
     ):
         # diffrax decides Itô vs Stratonovich by `isinstance` on the solver, so the
         # instance must carry the inner solver's marker. One public constructor picks
         # the final subclass that has it.
-        del num_steps, method, coarse_steps, mesh, axis_name
+        del num_steps, method, coarse_steps, window, mesh, axis_name
         return super().__new__(_marked_class(solver))
 
     def __init__(
@@ -530,6 +539,7 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
         num_steps: int = 100,
         method: AbstractMethod | None = None,
         coarse_steps: int | None = None,
+        window: int | None = None,
         mesh: Mesh | None = None,
         axis_name: str | None = None,
     ):
@@ -537,6 +547,7 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
         self.num_steps = num_steps
         self.method = Newton() if method is None else method
         self.coarse_steps = coarse_steps
+        self.window = window
         self.mesh = mesh
         self.axis_name = axis_name
 
@@ -566,6 +577,20 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
                 "`partime.ParallelSolver(coarse_steps=...)` must be `None` or a "
                 f"non-negative integer; got {self.coarse_steps!r}."
             )
+        if self.window is not None:
+            if (
+                isinstance(self.window, bool)
+                or not isinstance(self.window, int)
+                or self.window < 1
+            ):
+                raise ValueError(
+                    "`partime.ParallelSolver(window=...)` must be `None` or a positive "
+                    f"integer (inner steps in flight at a time); got {self.window!r}."
+                )
+            if self.mesh is not None:
+                raise ValueError(
+                    "`partime.ParallelSolver` takes `window=` or `mesh=`, not both."
+                )
         if not isinstance(self.method, AbstractMethod):
             raise TypeError(
                 "`partime.ParallelSolver(method=...)` must be a partime method such as "
@@ -642,7 +667,19 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
                 xs,
                 coarse_ts,
             )
-        if self.mesh is None:
+        if self.window is not None and self.window < self.num_steps:
+            # A sliding window of `window` inner steps moves through this one.
+            states, stats = windowed_solve(
+                flat_step,
+                y0_flat,
+                xs,
+                self.method,
+                window=self.window,
+                schedule="sliding",
+                guess=guess,
+            )
+            y_prevs = jnp.concatenate([y0_flat[None], states[:-1]])
+        elif self.mesh is None:
             states, stats = fixed_point_solve(
                 flat_step, y0_flat, xs, self.method, guess=guess
             )

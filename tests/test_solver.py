@@ -165,6 +165,37 @@ def test_explicit_solvers(name, num_windows):
     _assert_well_behaved(state, num_windows)
 
 
+def test_sliding_window():
+    """`window=` iterates on a window of inner steps that slides through each diffrax
+    step: the same answer and gradients as sequential diffrax."""
+    solver = partime.ParallelSolver(diffrax.Tsit5(), num_steps=NUM_INNER, window=8)
+    ys, _, values, _, state, result = _solve_parallel(
+        solver, T1 - T0, _Y0, _ARGS, _TS_DENSE
+    )
+    assert result == diffrax.RESULTS.successful
+    (ref_ys, _), ref_values, _ = _reference("tsit5")
+    _assert_close(ys[0], ref_ys, RTOL_Y)
+    _assert_close(values, ref_values, RTOL_Y)
+    assert int(state.num_fallbacks) == 0
+
+    inputs = (_Y0, _ARG, _FIELD, _CLOSED)
+    solver = partime.ParallelSolver(diffrax.Tsit5(), num_steps=NUM_INNER // 2, window=8)
+    loss = functools.partial(
+        _loss, solver=solver, dt0=(T1 - T0) / 2, grid=None,
+        adjoint=diffrax.RecursiveCheckpointAdjoint(),
+    )  # fmt: skip
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(*inputs)
+    kwargs = dict(solver_name="tsit5", adjoint_name="recursive_checkpoint")
+    expected = _gradient(*inputs, parallel=False, **kwargs)
+    _assert_close(grads, expected, RTOL_GRAD, atol=1e-9)
+
+
+@pytest.mark.parametrize("window", [0, -2, 2.5, True])
+def test_bad_window(window):
+    with pytest.raises(ValueError, match="window"):
+        partime.ParallelSolver(window=window)
+
+
 def test_other_method():
     # The methods themselves are tested with the core; check that one other than
     # Newton plugs in.
@@ -450,6 +481,23 @@ def test_gradients(solver_name, adjoint_name):
     _assert_close(grads, ref_grads, RTOL_GRAD, atol=1e-9)
     for g in jax.tree_util.tree_leaves(grads):
         assert np.all(np.asarray(g) != 0)
+
+
+def test_second_order():
+    """Hessian-vector products (forward over reverse, with `DirectAdjoint`, which
+    allows it on both sides) equal sequential diffrax's."""
+    inputs = (_Y0, _ARG, _FIELD, _CLOSED)
+    tangents = jax.tree.map(np.ones_like, inputs)
+
+    def hvp(parallel):
+        fn = lambda *a: _gradient(
+            *a, solver_name="tsit5", adjoint_name="direct", parallel=parallel
+        )
+        return jax.jit(lambda x, t: jax.jvp(fn, x, t)[1])(inputs, tangents)
+
+    got, expected = hvp(True), hvp(False)
+    _assert_close(got, expected, RTOL_GRAD, atol=1e-9)
+    assert all(np.any(np.asarray(g) != 0) for g in jax.tree_util.tree_leaves(got))
 
 
 def test_backsolve_adjoint_rejected():
