@@ -32,14 +32,34 @@ def _van_der_pol(t, y, mu):
     return jnp.stack([v, mu * ((1 - x**2) * v - x)])
 
 
+def _robertson(t, y, args):
+    k1, k2, k3 = args
+    y1, y2, y3 = y
+    return jnp.stack(
+        [
+            -k1 * y1 + k3 * y2 * y3,
+            k1 * y1 - k2 * y2**2 - k3 * y2 * y3,
+            k2 * y2**2,
+        ]
+    )
+
+
 PROBLEMS = {
     # (vector field, y0, args, t1)
     "linear": (_linear, np.array([1.0, -1.0, 2.0]), np.array([1.0, 0.0, 0.5]), 0.2),
     "van_der_pol": (_van_der_pol, np.array([2.0, 0.0]), 1000.0, 0.1),
+    # Rates over nine orders of magnitude; the fastest time scale (~5e-4) < a step.
+    "robertson": (
+        _robertson,
+        np.array([1.0, 0.0, 0.0]),
+        np.array([0.04, 3e7, 1e4]),
+        0.01,
+    ),
 }
 SOLVERS = {
     "implicit_euler": diffrax.ImplicitEuler,
     "kvaerno3": diffrax.Kvaerno3,
+    "kvaerno4": diffrax.Kvaerno4,
     "kvaerno5": diffrax.Kvaerno5,
 }
 NUM_STEPS = 10
@@ -86,6 +106,8 @@ def _assert_close(x, y, rtol):
         ("linear", "implicit_euler"),
         ("linear", "kvaerno3"),
         ("van_der_pol", "kvaerno5"),
+        ("robertson", "kvaerno4"),
+        ("robertson", "kvaerno5"),
     ],
 )
 def test_implicit_solvers(problem, name):
