@@ -1,39 +1,65 @@
-"""Benchmark: `partime.ParallelSolver` (one window) against sequential diffrax.
+"""Benchmark: `partime.ParallelSolver` against sequential diffrax, on three problems.
 
-A neural ODE `dy/dt = MLP(y)` (width 64, depth 2, tanh, random weights) on
-`t ∈ [0, 1]`, `y ∈ R^d`, with `T` equal steps of the inner solver (Tsit5 or Euler).
-diffrax steps sequentially on that grid; `ParallelSolver(inner, num_steps=T)` solves the
-same `T` steps as one parallel window (`dt0 = t1 - t0`). For every `(solver, d, T)` row
-the script
+`--problem neural` (the default): a neural ODE `dy/dt = MLP(y)` (width 64, depth 2,
+tanh, random weights) on `t ∈ [0, 1]`, `y ∈ R^d`, with `T` equal steps of the inner
+solver (Tsit5 or Euler). diffrax steps sequentially on that grid;
+`ParallelSolver(inner, num_steps=T)` solves the same `T` steps as one parallel window
+(`dt0 = t1 - t0`).
 
-1. checks the solution `y(1)` and the gradient of `loss = sum(y(1)²)` with respect to
-   `y0` and the MLP's parameters against diffrax's, and prints both errors (the largest
+`--problem sde`: the neural SDE `dy = MLP(y) dt + diag(0.1 (1 + tanh(y)) / 2) dW`
+(Itô), Euler--Maruyama (`diffrax.Euler()`) over
+`MultiTerm(ODETerm, ControlTerm(..., VirtualBrownianTree))`, one parallel window of `T`
+steps as above. The sequential solve steps to the parallel solver's inner grid,
+`t0 + (t1 - t0) * (k / T)` (`StepTo`), through the same Brownian tree (tolerance a
+sixteenth of a step), so both sides use bit for bit the same Brownian increments.
+Gradients are with respect to `y0`, the MLP and the diffusion's scale.
+
+`--problem stiff`: Robertson's problem (`k1, k2, k3 = 0.04, 3e7, 1e4`,
+`y0 = (1, 0, 0)`, `t ∈ [0, 1e2]`, `d = 3`) with `diffrax.Kvaerno5` and a tight
+`optimistix.Newton(rtol=1e-10, atol=1e-12)` root finder on both sides. As in
+`examples/stiff.py`, the horizon is cut into 7 log-spaced windows
+(`0, 1e-4, 1e-3, ..., 1e2`, a `StepTo` controller), taken one after another, each of
+`T / 7` parallel Kvaerno5 steps (`T` must be a multiple of 7); diffrax steps to the same
+`T` inner step times one at a time. Gradients (through each implicit step's root find,
+by diffrax's implicit differentiation) are with respect to `y0` and the log rates.
+
+For every `(solver, d, T)` row the script
+
+1. checks the solution `y(t1)` and the gradient of `loss = sum(y(t1)²)` with respect to
+   `y0` and the parameters against diffrax's, and prints both errors (the largest
    absolute error of each array relative to that array's largest magnitude). A row
    beyond tolerance is marked WRONG;
 2. times the forward solve and the gradient (diffrax's default adjoint,
    `RecursiveCheckpointAdjoint`, for both): median of `--repeats` calls after a warm-up
    call, `block_until_ready`, and reports `ratio = partime time / diffrax time`
    (below 1: partime is faster);
-3. reports the Newton iterations, whether the sequential fallback ran, and the memory
-   of each compiled function (`memory_analysis()`: argument + output + temporary bytes).
+3. reports the Newton iterations (in all windows), whether the sequential fallback ran,
+   and the memory of each compiled function (`memory_analysis()`: argument + output +
+   temporary bytes).
 
 Rows whose Newton Jacobians (`T·d²` entries, a few copies) would not fit in half the
-device's memory are skipped, and say so.
+device's memory are skipped, and say so. `--no-gradients` times forward solves only.
 
 Usage, from the repository root:
 
     python benchmarks/ode.py                 # the full sweep (slow on a CPU)
     python benchmarks/ode.py --quick         # d=2, T=100, both solvers: seconds
     python benchmarks/ode.py --d 4 --T 1e4 --solvers tsit5
+    python benchmarks/ode.py --problem sde   # d in {2, 16}, T in {1e3, 1e4, 1e5}
+    python benchmarks/ode.py --problem stiff # T in {1400, 7000, 35000}
+    python benchmarks/ode.py --problem stiff --quick   # T=1400: half a minute
 
-Results go to `benchmarks/results/ode-<platform>.json` (`ode-<platform>-float32.json`
-with `--float32`; a `.md` table beside it), where `<platform>` is
-`jax.devices()[0].platform`; `--quick` writes only with `--out`.
+Results go to `benchmarks/results/ode-<platform>.json` for `neural`, and
+`ode-sde-<platform>.json`, `ode-stiff-<platform>.json` for the others (`-float32`
+appended with `--float32`; a `.md` table beside each), where `<platform>` is
+`jax.devices()[0].platform`; `--quick` writes only with `--out`. The results in
+`benchmarks/results` for `sde` and `stiff` were run with `--repeats 3 --budget 10`.
 The exit status is 1 if any row is WRONG.
 """
 
 import argparse
 import sys
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +74,8 @@ import diffrax
 import equinox as eqx
 import jax.numpy as jnp
 import jax.random as jr
+import numpy as np
+import optimistix as optx
 from _common import (
     compile_fn,
     device_memory_bytes,
@@ -118,7 +146,161 @@ def make_functions(solver_name: str, T: int, parallel: bool, static: Any):
     return solve, jax.grad(loss, argnums=(0, 1))
 
 
-def run_row(solver_name: str, d: int, T: int, args: argparse.Namespace) -> dict:
+SDE_SOLVERS = {"euler": diffrax.Euler}
+SIGMA = 0.1  # the diffusion's scale
+
+
+class Diffusion(eqx.Module):
+    """`g(y) = diag(sigma * (1 + tanh(y)) / 2)`: diagonal, between 0 and `sigma`."""
+
+    sigma: Any
+
+    def __init__(self, d: int):
+        self.sigma = SIGMA * jnp.ones(d)
+
+    def __call__(self, t, y, args):
+        return jnp.diag(self.sigma * (1 + jnp.tanh(y)) / 2)
+
+
+def inner_grid(t0: float, t1: float, num_steps: int) -> Any:
+    """The inner step times of the window `[t0, t1]`, bit for bit those that
+    `partime.ParallelSolver` steps to: `t0 + (t1 - t0) * (k / num_steps)`, the last one
+    exactly `t1`."""
+    t0, t1 = jnp.asarray(t0), jnp.asarray(t1)
+    fraction = (jnp.arange(num_steps + 1) / num_steps).astype(t0.dtype)
+    return (t0 + (t1 - t0) * fraction).at[-1].set(t1)
+
+
+def brownian_tolerance(T: int) -> float:
+    """The Brownian tree's resolution in time: a sixteenth of a step."""
+    return (T1 - T0) / T / 16
+
+
+def make_sde_functions(solver_name: str, T: int, parallel: bool, static: Any):
+    """`make_functions` for the SDE `dy = MLP(y) dt + g(y) dW` (Itô, Euler--Maruyama),
+    `params = (drift, diffusion)`; both sides use the same `VirtualBrownianTree` and the
+    same inner grid (diffrax steps to it with `StepTo`)."""
+    inner = SDE_SOLVERS[solver_name]()
+    if parallel:
+        solver = partime.ParallelSolver(inner, num_steps=T)
+        kwargs = dict(dt0=T1 - T0, max_steps=1)
+    else:
+        solver = inner
+        controller = diffrax.StepTo(ts=inner_grid(T0, T1, T))
+        kwargs = dict(dt0=None, stepsize_controller=controller, max_steps=T)
+
+    def solve(params, y0):
+        drift, diffusion = eqx.combine(params, static)
+        brownian = diffrax.VirtualBrownianTree(
+            T0, T1, tol=brownian_tolerance(T), shape=y0.shape, key=jr.key(0)
+        )
+        terms = diffrax.MultiTerm(
+            diffrax.ODETerm(drift), diffrax.ControlTerm(diffusion, brownian)
+        )
+        sol = diffrax.diffeqsolve(
+            terms,
+            solver,
+            T0,
+            T1,
+            y0=y0,
+            saveat=diffrax.SaveAt(t1=True, solver_state=parallel),
+            **kwargs,
+        )
+        return sol.ys[0], _stats(sol, parallel)
+
+    def loss(params, y0):
+        return jnp.sum(solve(params, y0)[0] ** 2)
+
+    return solve, jax.grad(loss, argnums=(0, 1))
+
+
+# Robertson's problem: y(0) = (1, 0, 0), rates (k1, k2, k3); params = log rates.
+RATES = (0.04, 3e7, 1e4)
+STIFF_Y0 = (1.0, 0.0, 0.0)
+# Log-spaced windows, as in examples/stiff.py: one decade each past the first.
+WINDOW_ENDS = np.array([0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 1e1, 1e2])
+NUM_WINDOWS = len(WINDOW_ENDS) - 1
+# The same tight root finder on both sides, so that they agree to its tolerance.
+ROOT_FINDER = optx.Newton(rtol=1e-10, atol=1e-12)
+STIFF_SOLVERS = {"kvaerno5": lambda: diffrax.Kvaerno5(root_finder=ROOT_FINDER)}
+
+
+def robertson(t, y, log_rates):
+    k1, k2, k3 = jnp.exp(log_rates)
+    y1, y2, y3 = y
+    return jnp.stack(
+        [
+            -k1 * y1 + k3 * y2 * y3,
+            k1 * y1 - k3 * y2 * y3 - k2 * y2**2,
+            k2 * y2**2,
+        ]
+    )
+
+
+def stiff_grid(T: int) -> Any:
+    """All `T` inner steps: `T / NUM_WINDOWS` in each window."""
+    grids = [inner_grid(a, b, T // NUM_WINDOWS) for a, b in pairwise(WINDOW_ENDS)]
+    return jnp.concatenate([g[:-1] for g in grids] + [grids[-1][-1:]])
+
+
+def make_stiff_functions(solver_name: str, T: int, parallel: bool, static: Any):
+    """`make_functions` for Robertson's problem on `[0, 1e2]`, `params` its log rates:
+    `ParallelSolver(Kvaerno5, num_steps=T / 7)` steps to the 7 log-spaced window ends,
+    diffrax to the same `T` inner steps, one at a time."""
+    inner = STIFF_SOLVERS[solver_name]()
+    if parallel:
+        solver = partime.ParallelSolver(inner, num_steps=T // NUM_WINDOWS)
+        ts, max_steps = jnp.asarray(WINDOW_ENDS), NUM_WINDOWS
+    else:
+        solver, ts, max_steps = inner, stiff_grid(T), T
+
+    def solve(params, y0):
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(robertson),
+            solver,
+            WINDOW_ENDS[0],
+            WINDOW_ENDS[-1],
+            None,
+            y0,
+            args=params,
+            saveat=diffrax.SaveAt(t1=True, solver_state=parallel),
+            stepsize_controller=diffrax.StepTo(ts=ts),
+            max_steps=max_steps,
+        )
+        return sol.ys[0], _stats(sol, parallel)
+
+    def loss(params, y0):
+        return jnp.sum(solve(params, y0)[0] ** 2)
+
+    return solve, jax.grad(loss, argnums=(0, 1))
+
+
+def _stats(sol: Any, parallel: bool) -> tuple:
+    if parallel:
+        return sol.solver_state.num_iterations, sol.solver_state.num_fallbacks
+    return jnp.array(0), jnp.array(0)
+
+
+def setup(problem: str, d: int, dtype: Any) -> tuple:
+    """`(params, static, y0, make_functions)` of a problem."""
+    if problem == "stiff":
+        params = jnp.log(jnp.array(RATES, dtype))
+        return params, None, jnp.array(STIFF_Y0, dtype), make_stiff_functions
+    field = VectorField(d, jr.key(d))
+    if problem == "sde":
+        params, static = eqx.partition((field, Diffusion(d)), eqx.is_array)
+        make = make_sde_functions
+    else:
+        params, static = eqx.partition(field, eqx.is_array)
+        make = make_functions
+    params = jax.tree_util.tree_map(lambda x: x.astype(dtype), params)
+    y0 = jr.normal(jr.key(d + 1), (d,), dtype)
+    return params, static, y0, make
+
+
+def run_row(
+    solver_name: str, d: int, T: int, args: argparse.Namespace, problem: str = "neural"
+) -> dict:
     dtype = jnp.float32 if args.float32 else jnp.float64
     row: dict[str, Any] = dict(solver=solver_name, d=d, T=T, notes=[])
     itemsize = jnp.dtype(dtype).itemsize
@@ -128,16 +310,17 @@ def run_row(solver_name: str, d: int, T: int, args: argparse.Namespace) -> dict:
     if memory is not None and estimate > memory / 2:
         row["notes"].append(f"skipped: ~{estimate / 2**30:.0f} GiB of Jacobians")
         return row
-    field = VectorField(d, jr.key(d))
-    params, static = eqx.partition(field, eqx.is_array)
-    params = jax.tree_util.tree_map(lambda x: x.astype(dtype), params)
-    y0 = jr.normal(jr.key(d + 1), (d,), dtype)
+    params, static, y0, make = setup(problem, d, dtype)
+    if problem == "stiff":
+        row["notes"].append(f"{NUM_WINDOWS} windows x {T // NUM_WINDOWS} steps")
 
     outputs = {}
     for parallel in (True, False):
         side = "par" if parallel else "seq"
-        forward, gradient = make_functions(solver_name, T, parallel, static)
+        forward, gradient = make(solver_name, T, parallel, static)
         for kind, fn in (("forward", forward), ("gradient", gradient)):
+            if kind == "gradient" and args.no_gradients:
+                continue
             compiled, compile_s = compile_fn(fn, params, y0)
             out, first_s = run_once(compiled, params, y0)
             outputs[side, kind] = out
@@ -154,16 +337,19 @@ def run_row(solver_name: str, d: int, T: int, args: argparse.Namespace) -> dict:
     row["iterations"] = int(iterations)
     row["fell_back"] = bool(fallbacks)
     row["solution_error"] = max_rel_error(y_par, y_seq)
-    row["gradient_error"] = max_rel_error(
-        outputs["par", "gradient"], outputs["seq", "gradient"]
-    )
     value_tol, grad_tol = TOLERANCES[jnp.dtype(dtype).name]
     if row["solution_error"] > value_tol:
         row["notes"].append("WRONG solution")
+    row["forward_ratio"] = row["par_forward_s"] / row["seq_forward_s"]
+    if args.no_gradients:
+        row["notes"].append("gradients not run")
+        return row
+    row["gradient_error"] = max_rel_error(
+        outputs["par", "gradient"], outputs["seq", "gradient"]
+    )
     if row["gradient_error"] > grad_tol:
         row["notes"].append("WRONG gradient")
-    for kind in ("forward", "gradient"):
-        row[f"{kind}_ratio"] = row[f"par_{kind}_s"] / row[f"seq_{kind}_s"]
+    row["gradient_ratio"] = row["par_gradient_s"] / row["seq_gradient_s"]
     return row
 
 
@@ -182,45 +368,108 @@ def format_row(row: dict) -> list[str]:
             + ["-"] * 12
             + ["; ".join(row["notes"])]
         )
-    ms = lambda key: f"{row[key] * 1e3:.1f}"
-    mib = lambda key: "-" if row[key] is None else f"{row[key] / 2**20:.1f}"
+    ms = lambda key: f"{row[key] * 1e3:.1f}" if key in row else "-"
+    mib = lambda key: "-" if row.get(key) is None else f"{row[key] / 2**20:.1f}"
+    sci = lambda key: f"{row[key]:.1e}" if key in row else "-"
+    ratio = lambda key: f"{row[key]:.2f}" if key in row else "-"
     return [
         row["solver"],
         str(row["d"]),
         str(row["T"]),
         str(row["iterations"]),
         "yes" if row["fell_back"] else "no",
-        f"{row['solution_error']:.1e}",
-        f"{row['gradient_error']:.1e}",
+        sci("solution_error"),
+        sci("gradient_error"),
         ms("seq_forward_s"),
         ms("par_forward_s"),
-        f"{row['forward_ratio']:.2f}",
+        ratio("forward_ratio"),
         ms("seq_gradient_s"),
         ms("par_gradient_s"),
-        f"{row['gradient_ratio']:.2f}",
+        ratio("gradient_ratio"),
         mib("seq_gradient_bytes"),
         mib("par_gradient_bytes"),
         "; ".join(row["notes"]),
     ]
 
 
+# Per problem: the solvers, the default `--d` and `--T`, and `--quick`'s `(d, T)`.
+PROBLEMS = {
+    "neural": (SOLVERS, [2, 4, 16, 64], [1e3, 1e4, 1e5], ([2], [100])),
+    "sde": (SDE_SOLVERS, [2, 16], [1e3, 1e4, 1e5], ([2], [100])),
+    "stiff": (STIFF_SOLVERS, [3], [1400, 7000, 35000], ([3], [1400])),
+}
+
+
+def describe(problem: str) -> dict:
+    """The JSON's description of a problem."""
+    if problem == "sde":
+        return dict(
+            problem=(
+                f"dy = MLP(y) dt + diag({SIGMA} (1 + tanh(y)) / 2) dW (Ito), MLP width "
+                f"{WIDTH}, depth {DEPTH}, tanh; t in [{T0}, {T1}]; "
+                "diffrax.VirtualBrownianTree(tol=(t1 - t0) / (16 T)), the same on both "
+                "sides; gradients w.r.t. y0, the MLP and the diffusion's scale"
+            ),
+            parallel="partime.ParallelSolver(inner, num_steps=T, method=Newton()), "
+            "one window (dt0 = t1 - t0)",
+            sequential="diffrax.diffeqsolve(inner, stepsize_controller=StepTo(the "
+            "parallel solver's inner grid, t0 + (t1 - t0) * (k / T)))",
+        )
+    if problem == "stiff":
+        return dict(
+            problem=(
+                f"Robertson's problem, rates {RATES}, y0 = {STIFF_Y0}, t in [0, "
+                f"{WINDOW_ENDS[-1]:g}]; gradients w.r.t. y0 and the log rates"
+            ),
+            parallel="partime.ParallelSolver(Kvaerno5(root_finder=optimistix.Newton("
+            f"rtol=1e-10, atol=1e-12)), num_steps=T / {NUM_WINDOWS}, method=Newton()), "
+            f"StepTo(window ends {WINDOW_ENDS.tolist()}): {NUM_WINDOWS} windows, "
+            "one after another",
+            sequential="diffrax.diffeqsolve(the same Kvaerno5, stepsize_controller="
+            "StepTo(the parallel solver's T inner step times))",
+        )
+    return dict(
+        problem=(
+            f"dy/dt = MLP(y), width {WIDTH}, depth {DEPTH}, tanh; t in [{T0}, {T1}]"
+        ),
+        parallel="partime.ParallelSolver(inner, num_steps=T, method=Newton()), "
+        "one window (dt0 = t1 - t0)",
+        sequential="diffrax.diffeqsolve(inner, dt0=(t1 - t0) / T)",
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--d", type=int, nargs="+", default=[2, 4, 16, 64])
+    parser.add_argument("--problem", choices=PROBLEMS, default="neural")
     parser.add_argument(
-        "--T", type=float, nargs="+", default=[1e3, 1e4, 1e5], help="e.g. 1e4"
+        "--d", type=int, nargs="+", default=None, help="ignored by --problem stiff"
     )
-    parser.add_argument("--solvers", nargs="+", choices=SOLVERS, default=list(SOLVERS))
+    parser.add_argument("--T", type=float, nargs="+", default=None, help="e.g. 1e4")
+    parser.add_argument("--solvers", nargs="+", default=None)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
         "--budget", type=float, default=30.0, help="seconds of timed calls per function"
     )
     parser.add_argument("--float32", action="store_true", help="default: float64")
-    parser.add_argument("--quick", action="store_true", help="d=2, T=100: seconds")
+    parser.add_argument("--quick", action="store_true", help="one small row: seconds")
+    parser.add_argument(
+        "--no-gradients", action="store_true", help="forward solves only"
+    )
     parser.add_argument("--out", type=Path, default=None, help="the JSON to write")
     args = parser.parse_args()
+    solvers, default_d, default_T, (quick_d, quick_T) = PROBLEMS[args.problem]
+    args.solvers = args.solvers or list(solvers)
+    unknown = set(args.solvers) - set(solvers)
+    if unknown:
+        parser.error(f"--problem {args.problem} has no solvers {sorted(unknown)}")
+    args.d = args.d or default_d
+    args.T = args.T or default_T
     if args.quick:
-        args.d, args.T, args.repeats = [2], [100], 3
+        args.d, args.T, args.repeats = quick_d, quick_T, 3
+    if args.problem == "stiff":
+        args.d = [3]
+        if any(int(T) % NUM_WINDOWS for T in args.T):
+            parser.error(f"--problem stiff: T must be a multiple of {NUM_WINDOWS}")
 
     env = environment()
     print(
@@ -231,7 +480,7 @@ def main() -> int:
     for solver_name in args.solvers:
         for d in args.d:
             for T in args.T:
-                row = run_row(solver_name, d, int(T), args)
+                row = run_row(solver_name, d, int(T), args, args.problem)
                 rows.append(row)
                 print(" | ".join(format_row(row)), flush=True)
     table = [format_row(row) for row in rows]
@@ -240,18 +489,15 @@ def main() -> int:
 
     out = args.out
     if out is None and not args.quick:
+        name = "ode" if args.problem == "neural" else f"ode-{args.problem}"
         suffix = "-float32" if args.float32 else ""
-        out = Path(__file__).parent / "results" / f"ode-{env['platform']}{suffix}.json"
+        filename = f"{name}-{env['platform']}{suffix}.json"
+        out = Path(__file__).parent / "results" / filename
     if out is not None:
         value_tol, grad_tol = TOLERANCES["float32" if args.float32 else "float64"]
         payload = dict(
-            benchmark="ode",
-            problem=(
-                f"dy/dt = MLP(y), width {WIDTH}, depth {DEPTH}, tanh; t in [{T0}, {T1}]"
-            ),
-            parallel="partime.ParallelSolver(inner, num_steps=T, method=Newton()), "
-            "one window (dt0 = t1 - t0)",
-            sequential="diffrax.diffeqsolve(inner, dt0=(t1 - t0) / T)",
+            benchmark="ode" if args.problem == "neural" else f"ode-{args.problem}",
+            **describe(args.problem),
             adjoint="diffrax.RecursiveCheckpointAdjoint() (the default)",
             ratio="partime time / diffrax time (below 1: partime is faster)",
             value_tolerance=value_tol,
