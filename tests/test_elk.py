@@ -8,7 +8,6 @@ import pytest
 
 import partime
 from partime._kalman import damped_solve
-from partime._method.elk import ELK, QuasiELK
 
 from .helpers import max_rel_error
 
@@ -96,14 +95,16 @@ def contracting_rnn():
     return _rnn(jr.PRNGKey(0), 6, 400, 0.8)
 
 
-@pytest.mark.parametrize("method", [ELK(), QuasiELK()], ids=["ELK", "QuasiELK"])
+@pytest.mark.parametrize(
+    "method", [partime.ELK(), partime.QuasiELK()], ids=["ELK", "QuasiELK"]
+)
 def test_converges_without_fallback(contracting_rnn, method):
     cell, init, xs = contracting_rnn
     expected = jax.lax.scan(cell, init, xs)
     *out, stats = partime.scan(cell, init, xs, method=method, return_stats=True)
     assert max_rel_error(out, expected) < 1e-8
     assert not stats.fell_back
-    bound = 10 if isinstance(method, ELK) else 45
+    bound = 10 if isinstance(method, partime.ELK) else 45
     assert int(stats.num_iterations) <= bound
 
 
@@ -113,7 +114,10 @@ def test_unstable_jacobians_stay_finite():
     iterate stays finite; with it, the answer is exact."""
     cell, init, xs = _rnn(jr.PRNGKey(1), 6, 300, 3.0, input_scale=0.3)
     expected = jax.lax.scan(cell, init, xs)
-    for method in (ELK(max_iters=10, fallback=False), QuasiELK(max_iters=10)):
+    for method in (
+        partime.ELK(max_iters=10, fallback=False),
+        partime.QuasiELK(max_iters=10),
+    ):
         *out, stats = partime.scan(
             cell, init, xs, method=method, return_stats=True, throw=False
         )
@@ -130,7 +134,7 @@ def test_gradients(contracting_rnn):
         return jnp.sum(ys**2)
 
     expected = jax.grad(lambda x: loss(jax.lax.scan, x))(xs)
-    got = jax.grad(lambda x: loss(partime.scan, x, method=ELK()))(xs)
+    got = jax.grad(lambda x: loss(partime.scan, x, method=partime.ELK()))(xs)
     assert max_rel_error(got, expected) < 1e-7
 
 
@@ -138,14 +142,16 @@ def test_vmap(contracting_rnn):
     cell, init, xs = contracting_rnn
     inits = jnp.stack([init, init + 0.5, init - 0.5])
     expected = jax.vmap(lambda i: jax.lax.scan(cell, i, xs))(inits)
-    got = jax.vmap(lambda i: partime.scan(cell, i, xs, method=QuasiELK()))(inits)
+    got = jax.vmap(lambda i: partime.scan(cell, i, xs, method=partime.QuasiELK()))(
+        inits
+    )
     assert max_rel_error(got, expected) < 1e-8
 
 
 def test_bad_damping():
     with pytest.raises(ValueError, match="damping"):
-        ELK(damping=0.0)
+        partime.ELK(damping=0.0)
     with pytest.raises(ValueError, match="damping"):
-        QuasiELK(damping=-1.0)
+        partime.QuasiELK(damping=-1.0)
     with pytest.raises(ValueError, match="max_iters"):
-        ELK(max_iters=-1)
+        partime.ELK(max_iters=-1)

@@ -11,7 +11,6 @@ import jax.random as jr
 import pytest
 
 import partime
-from partime._method.elk import ELK, QuasiELK
 
 from .helpers import max_rel_error
 
@@ -21,8 +20,8 @@ METHODS = {
     "QuasiNewton": partime.QuasiNewton(),
     "Picard": partime.Picard(),
     "Jacobi": partime.Jacobi(),
-    "ELK": ELK(),
-    "QuasiELK": QuasiELK(),
+    "ELK": partime.ELK(),
+    "QuasiELK": partime.QuasiELK(),
 }
 
 
@@ -181,7 +180,7 @@ def test_damped_merit_never_increases():
 
     merits = [merit(jnp.broadcast_to(init, (300, init.shape[0])))]
     for max_iters in (1, 4):
-        method = ELK(max_iters=max_iters, fallback=False)
+        method = partime.ELK(max_iters=max_iters, fallback=False)
         solve = jax.jit(lambda i, x: partime.fixed_point_solve(step, i, x, method))
         merits.append(merit(solve(init, xs)[0]))
     assert all(bool(b <= a) for a, b in zip(merits, merits[1:]))
@@ -190,7 +189,7 @@ def test_damped_merit_never_increases():
 
 def test_nonfinite_init_never_success():
     cell, init, xs = PROBLEMS["vdp-1"]
-    for method in (partime.Newton(), QuasiELK(fallback=False)):
+    for method in (partime.Newton(), partime.QuasiELK(fallback=False)):
         *_, stats = partime.scan(
             cell,
             init.at[0].set(jnp.nan),
@@ -212,3 +211,86 @@ def test_vmap_mixed_batch(references):
     expected = jax.vmap(lambda i: jax.lax.scan(cell, i, xs))(inits)
     assert max_rel_error((final, ys), expected) < 1e-8
     assert bool(stats.fell_back[0]) and not bool(stats.fell_back[1])
+
+
+# The same safeguards through `ParallelSolver`: one window of Tsit5 steps from a flat
+# guess (`coarse_steps=0`), against sequential diffrax on the same grid.
+
+SOLVER_PROBLEMS = {
+    # (vector field, y0, t1, inner steps)
+    "vdp-1": (_van_der_pol(1.0), [2.0, 0.0], 100.0, 10_000),
+    "vdp-10": (_van_der_pol(10.0), [2.0, 0.0], 100.0, 10_000),
+    "lorenz": (_lorenz, [1.0, 1.0, 1.0], 20.0, 20_000),
+}
+
+
+def _diffrax_solve(problem, solver):
+    import diffrax
+
+    field, y0, t1, num_steps = SOLVER_PROBLEMS[problem]
+    parallel = isinstance(solver, partime.ParallelSolver)
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(lambda t, y, args: field(y)),
+        solver,
+        0.0,
+        t1,
+        t1 if parallel else None,
+        jnp.array(y0),
+        saveat=diffrax.SaveAt(ts=jnp.linspace(0.0, t1, 101), solver_state=parallel),
+        stepsize_controller=diffrax.ConstantStepSize()
+        if parallel
+        else diffrax.StepTo(ts=_parallel_grid(t1, num_steps)),
+        max_steps=1 if parallel else num_steps,
+    )
+    return sol.ys, sol.solver_state if parallel else None
+
+
+def _parallel_grid(t1, num_steps):
+    # Bit for bit the inner grid of one window `[0, t1]`.
+    return t1 * (jnp.arange(num_steps + 1) / num_steps)
+
+
+@pytest.fixture(scope="module")
+def solver_references():
+    import diffrax
+
+    return {
+        name: jax.jit(_diffrax_solve, static_argnums=(0, 1))(name, diffrax.Tsit5())[0]
+        for name in SOLVER_PROBLEMS
+    }
+
+
+@pytest.mark.parametrize(
+    "problem, method",
+    [(p, None) for p in SOLVER_PROBLEMS]
+    + [("vdp-10", m) for m in METHODS if m != "Newton"],
+)
+def test_parallel_solver(solver_references, problem, method):
+    """`ParallelSolver()` as shipped (Newton), and every other method on the
+    relaxation oscillator: finite, exact (by convergence or the fallback), and when
+    hopeless stopped early."""
+    import diffrax
+
+    _, _, _, num_steps = SOLVER_PROBLEMS[problem]
+    solver = partime.ParallelSolver(
+        diffrax.Tsit5(),
+        num_steps=num_steps,
+        method=None if method is None else METHODS[method],
+        coarse_steps=0,
+    )
+    ys, state = jax.jit(_diffrax_solve, static_argnums=(0, 1))(problem, solver)
+    assert bool(jnp.all(jnp.isfinite(ys)))
+    # Lorenz over 20 time units amplifies rounding by ~e^18.
+    assert max_rel_error(ys, solver_references[problem]) < 1e-8
+    # Over 100 time units (5-15 van der Pol periods) no method converges from a flat
+    # guess within its cap either (`benchmarks/convergence.py`): each must give up
+    # early, well before its cap, and finish sequentially.
+    cap = (partime.Newton() if method is None else METHODS[method]).iteration_cap(
+        num_steps
+    )
+    if int(state.num_fallbacks):
+        assert int(state.num_iterations) <= 0.2 * cap
+    else:
+        assert int(state.num_iterations) <= cap
+    if problem == "lorenz":
+        assert int(state.num_fallbacks) == 1
