@@ -242,6 +242,27 @@ _SAVEAT_TS_STEPS = diffrax.SaveAt(
 )
 
 
+def test_warm_start_guess():
+    """`guess=`: the previous trajectory as the first iterate of every window. The
+    same answer; from an exact guess, no more than one iteration per window. A
+    useless guess is ignored (the constant or coarse guess fits better)."""
+    grid = _inner_grid(np.linspace(T0, T1, 3), 20)
+    reference = _solve_on_grid(diffrax.Tsit5(), grid, _Y0, ts=grid)
+    previous = diffrax.LinearInterpolation(ts=grid, ys=reference.ys)
+    useless = lambda t: jnp.full(3, 1e3)
+    for guess, bound in ((previous.evaluate, 2), (useless, 16)):
+        solver = partime.ParallelSolver(
+            diffrax.Tsit5(), num_steps=20, coarse_steps=0, guess=guess
+        )
+        sol = _solve(solver, T0, T1, (T1 - T0) / 2, _Y0)
+        assert sol.result == diffrax.RESULTS.successful
+        _assert_close(sol.ys, _solve_on_grid(diffrax.Tsit5(), grid, _Y0).ys, RTOL_Y)
+        assert int(sol.solver_state.num_fallbacks) == 0
+        assert int(sol.solver_state.num_iterations) <= bound
+    with pytest.raises(TypeError, match="guess"):
+        partime.ParallelSolver(guess=np.ones(3))
+
+
 def test_constant_step_size_uneven():
     # dt0 does not divide the horizon: the last window is shorter.
     solver = partime.ParallelSolver(diffrax.Tsit5(), num_steps=8)
