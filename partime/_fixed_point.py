@@ -63,7 +63,7 @@ _DIVERGED = 1e8
 # merit is at least this fraction of the predicted one (Nielsen's update of λ).
 _ACCEPT = 1e-4
 # Hopeless-case detection: progress is measured over the last tenth of the cap (at
-# least 2 iterations), and undamped updates may be rejected a twentieth of the cap
+# least 2 iterations), and undamped updates may be rejected a fortieth of the cap
 # times in a row (at least 2), so that a larger `max_iters` also means more patience.
 _PATIENCE = 0.1
 
@@ -116,13 +116,16 @@ def _iterate(
     index = jnp.arange(length)
     eps = float(jnp.finfo(dtype).eps)
     window_size = max(2, math.ceil(_PATIENCE * cap))
-    max_rejections = max(2, math.ceil(_PATIENCE * cap / 2))
+    max_rejections = max(2, math.ceil(_PATIENCE * cap / 4))
+
+    def measure(states, f):
+        residual = states - f
+        ok = _within(residual, atol + rtol * jnp.abs(states))
+        return residual, _merit(residual), _prefix(ok)
 
     def evaluate(states):
         f, transition = method.linearise(step, _previous(init, states), xs)
-        residual = states - f
-        ok = _within(residual, atol + rtol * jnp.abs(states))
-        return transition, residual, _merit(residual), _prefix(ok)
+        return transition, *measure(states, f)
 
     def continue_after(states, cut):
         """Replaces `states[cut:]` by a constant continuation of `states[cut - 1]`."""
@@ -153,7 +156,10 @@ def _iterate(
         # Everything past the cut is unknown: continue it as a constant. (An undamped
         # update is exact at least one step past the prefix, so progress is kept.)
         candidate = continue_after(candidate, cut)
-        transition, residual, merit, prefix = evaluate(candidate)
+        # The residual first; the transitions (Newton's Jacobians: the expensive
+        # part) only below, once the iteration is known to go on from here.
+        f = jax.vmap(step)(_previous(init, candidate), xs)
+        residual, merit, prefix = measure(candidate, f)
 
         if damped:
             # Gain ratio: achieved / predicted decrease of the merit, the prediction
@@ -190,7 +196,6 @@ def _iterate(
             jnp.all(_within(candidate - carry.states, tol)), carry.small_update
         )
         states = pick(candidate, carry.states)
-        transition = jtu.tree_map(pick, transition, carry.transition)
         residual = pick(residual, carry.residual)
         merit = pick(merit, carry.merit)
         prefix = pick(prefix, carry.prefix)
@@ -214,10 +219,10 @@ def _iterate(
         hopeless = (iteration >= window_size) & (needs > cap - iteration)
         rejections = jnp.where(accept, 0, carry.rejections + 1)
         if not damped:
-            # Undamped updates rejected again and again (two in a row by default):
-            # even over a horizon a quarter as long, then a sixteenth, the
-            # linearisation blew up. (Damped methods reject routinely while their
-            # trust region adapts.)
+            # Undamped updates rejected again and again (two in a row at Newton's
+            # default cap): even over a horizon a quarter as long, then a
+            # sixteenth, the linearisation blew up. (Damped methods reject
+            # routinely while their trust region adapts.)
             hopeless = hopeless | (rejections >= max_rejections)
         if not method.fallback:
             # Without a fallback, stopping early only turns a possible success into
@@ -225,6 +230,20 @@ def _iterate(
             hopeless = jnp.array(False)
         past_prefix = jnp.concatenate([carry.past_prefix[1:], prefix[None]])
         past_merit = jnp.concatenate([carry.past_merit[1:], merit[None]])
+        # Linearise at the accepted iterate only if there will be a next iteration:
+        # a rejected candidate, the last iterate and a hopeless one need none. (On
+        # Lorenz-63 this skips two of the three Jacobian evaluations.)
+        goes_on = (
+            accept
+            & (iteration < cap)
+            & ~((prefix == length) & small_update)
+            & ~hopeless
+        )
+        transition = jax.lax.cond(
+            goes_on,
+            lambda: method.linearise(step, _previous(init, states), xs)[1],
+            lambda: carry.transition,
+        )
 
         return _Carry(
             iteration=iteration,
@@ -387,7 +406,7 @@ def fixed_point_solve(
     - *Hopeless cases.* With `fallback=True`, the iteration stops when, at the rate
         at which the converged prefix and the merit have progressed over the last
         tenth of the cap (at least 2 iterations), it would not finish within the
-        cap — or after a twentieth of the cap (at least 2) undamped updates in a
+        cap — or after a fortieth of the cap (at least 2) undamped updates in a
         row were rejected. A larger `max_iters` therefore also means more
         patience. Chaotic recurrences (positive largest Lyapunov exponent, e.g.
         Lorenz-63 over many Lyapunov times) are stopped after 2–5 iterations instead
