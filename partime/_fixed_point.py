@@ -31,6 +31,51 @@ def _index(xs: PyTree, t: Int[Array, ""] | int) -> PyTree:
     return jtu.tree_map(lambda a: a[t], xs)
 
 
+def check_inputs(
+    step: Callable, init: Any, xs: PyTree, length: int | None, guess: Any
+) -> tuple[Float[Array, " d"], int, Float[Array, "T d"] | None]:
+    """Validates the arguments that every fixed-point solve takes, at trace time,
+    with messages that say what is wrong. Returns `init` as an array, the sequence
+    length `T`, and `guess` cast to `init`'s dtype (`None` if not given)."""
+    init = jnp.asarray(init)
+    if init.ndim != 1 or not jnp.issubdtype(init.dtype, jnp.inexact):
+        raise ValueError(
+            "`init` must be a 1-D floating-point array, got "
+            f"shape {init.shape} and dtype {init.dtype}."
+        )
+    if any(jnp.ndim(leaf) == 0 for leaf in jtu.tree_leaves(xs)):
+        raise ValueError("Every leaf of `xs` needs a leading (time) axis.")
+    lengths = {leaf.shape[0] for leaf in jtu.tree_leaves(xs)}
+    if length is not None:
+        lengths.add(length)
+    if len(lengths) != 1:
+        raise ValueError(
+            "Cannot determine the sequence length: the leaves of `xs` have leading "
+            f"axes {sorted(lengths)}"
+            + ("" if lengths else " (and `length` was not given)")
+            + "."
+        )
+    (length,) = lengths
+    if length < 1:
+        raise ValueError("The sequence must have at least one step.")
+    if guess is not None:
+        guess = jnp.asarray(guess)
+        if guess.shape != (length, init.shape[0]):
+            raise ValueError(
+                f"`guess` must have shape {(length, init.shape[0])}, got {guess.shape}."
+            )
+        guess = guess.astype(init.dtype)
+    out_struct = jax.eval_shape(step, init, _index(xs, 0))
+    if not (
+        isinstance(out_struct, jax.ShapeDtypeStruct) and out_struct.shape == init.shape
+    ):
+        raise ValueError(
+            f"`step` must map a state of shape {init.shape} to one of the same shape, "
+            f"got {out_struct}."
+        )
+    return init, length, guess
+
+
 def _previous(init: Float[Array, " d"], states: Float[Array, "T d"]) -> Array:
     """`s_0, ..., s_{T-1}`."""
     return jnp.concatenate([init[None], states[:-1]])
@@ -424,43 +469,10 @@ def fixed_point_solve(
             "`method` must be a partime method (e.g. `partime.Newton()`), got "
             f"{method!r}."
         )
-    init = jnp.asarray(init)
-    if init.ndim != 1 or not jnp.issubdtype(init.dtype, jnp.inexact):
-        raise ValueError(
-            "`init` must be a 1-D floating-point array, got "
-            f"shape {init.shape} and dtype {init.dtype}."
-        )
-    lengths = {leaf.shape[0] for leaf in jtu.tree_leaves(xs) if jnp.ndim(leaf) > 0}
-    if any(jnp.ndim(leaf) == 0 for leaf in jtu.tree_leaves(xs)):
-        raise ValueError("Every leaf of `xs` needs a leading (time) axis.")
-    if length is not None:
-        lengths.add(length)
-    if len(lengths) != 1:
-        raise ValueError(
-            "Cannot determine the sequence length: the leaves of `xs` have leading "
-            f"axes {sorted(lengths)}"
-            + ("" if lengths else " (and `length` was not given)")
-            + "."
-        )
-    (length,) = lengths
-    if length < 1:
-        raise ValueError("The sequence must have at least one step.")
+    init, length, guess = check_inputs(step, init, xs, length, guess)
     if guess is None:
         guess = jnp.broadcast_to(init, (length, init.shape[0]))
-    elif guess.shape != (length, init.shape[0]):
-        raise ValueError(
-            f"`guess` must have shape {(length, init.shape[0])}, got {guess.shape}."
-        )
-    guess = guess.astype(init.dtype)
     x0 = _index(xs, 0)
-    out_struct = jax.eval_shape(step, init, x0)
-    if not (
-        isinstance(out_struct, jax.ShapeDtypeStruct) and out_struct.shape == init.shape
-    ):
-        raise ValueError(
-            f"`step` must map a state of shape {init.shape} to one of the same shape, "
-            f"got {out_struct}."
-        )
     closed = eqx.filter_closure_convert(
         lambda s, x: step(s, x).astype(init.dtype), init, x0
     )

@@ -28,6 +28,7 @@ import jax.tree_util as jtu
 from jax.sharding import Mesh, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int, PyTree
 
+from ._fixed_point import check_inputs
 from ._lds import DenseTransition
 from ._method.base import AbstractMethod
 from ._sharding import (
@@ -351,27 +352,7 @@ def sharded_fixed_point_solve(
             f"{method!r}."
         )
     axis_name, count = time_axis(mesh, axis_name)
-    init = jnp.asarray(init)
-    if init.ndim != 1 or not jnp.issubdtype(init.dtype, jnp.inexact):
-        raise ValueError(
-            "`init` must be a 1-D floating-point array, got "
-            f"shape {init.shape} and dtype {init.dtype}."
-        )
-    if any(jnp.ndim(leaf) == 0 for leaf in jtu.tree_leaves(xs)):
-        raise ValueError("Every leaf of `xs` needs a leading (time) axis.")
-    lengths = {leaf.shape[0] for leaf in jtu.tree_leaves(xs)}
-    if length is not None:
-        lengths.add(length)
-    if len(lengths) != 1:
-        raise ValueError(
-            "Cannot determine the sequence length: the leaves of `xs` have leading "
-            f"axes {sorted(lengths)}"
-            + ("" if lengths else " (and `length` was not given)")
-            + "."
-        )
-    (length,) = lengths
-    if length < 1:
-        raise ValueError("The sequence must have at least one step.")
+    init, length, guess = check_inputs(step, init, xs, length, guess)
     if length % count != 0:
         raise ValueError(
             f"The sequence length {length} is not a multiple of the {count} devices "
@@ -380,20 +361,7 @@ def sharded_fixed_point_solve(
         )
     if guess is None:
         guess = jnp.broadcast_to(init, (length, init.shape[0]))
-    elif guess.shape != (length, init.shape[0]):
-        raise ValueError(
-            f"`guess` must have shape {(length, init.shape[0])}, got {guess.shape}."
-        )
-    guess = guess.astype(init.dtype)
     x0 = _index(xs, 0)
-    out_struct = jax.eval_shape(step, init, x0)
-    if not (
-        isinstance(out_struct, jax.ShapeDtypeStruct) and out_struct.shape == init.shape
-    ):
-        raise ValueError(
-            f"`step` must map a state of shape {init.shape} to one of the same shape, "
-            f"got {out_struct}."
-        )
     closed = _ClosedStep(lambda s, x: step(s, x).astype(init.dtype), init, x0)
     states, dynamic_stats = _solve(
         closed, init, xs, guess, method=method, mesh=mesh, axis_name=axis_name

@@ -31,7 +31,7 @@ import jax.tree_util as jtu
 import lineax as lx
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PyTree
 
-from ._fixed_point import fixed_point_solve
+from ._fixed_point import check_inputs, fixed_point_solve
 from ._lds import DenseTransition
 from ._method.base import AbstractMethod
 from ._operator import BidiagonalOperator, ScanSolver
@@ -549,27 +549,7 @@ def windowed_solve(
         raise TypeError(f"`window` must be a Python int or None, got {window!r}.")
     if window is not None and window < 1:
         raise ValueError(f"`window` must be at least 1, got {window}.")
-    init = jnp.asarray(init)
-    if init.ndim != 1 or not jnp.issubdtype(init.dtype, jnp.inexact):
-        raise ValueError(
-            "`init` must be a 1-D floating-point array, got "
-            f"shape {init.shape} and dtype {init.dtype}."
-        )
-    if any(jnp.ndim(leaf) == 0 for leaf in jtu.tree_leaves(xs)):
-        raise ValueError("Every leaf of `xs` needs a leading (time) axis.")
-    lengths = {leaf.shape[0] for leaf in jtu.tree_leaves(xs)}
-    if length is not None:
-        lengths.add(length)
-    if len(lengths) != 1:
-        raise ValueError(
-            "Cannot determine the sequence length: the leaves of `xs` have leading "
-            f"axes {sorted(lengths)}"
-            + ("" if lengths else " (and `length` was not given)")
-            + "."
-        )
-    (length,) = lengths
-    if length < 1:
-        raise ValueError("The sequence must have at least one step.")
+    init, length, guess = check_inputs(step, init, xs, length, guess)
     window = length if window is None else min(window, length)
     if xs is None or not jtu.tree_leaves(xs):
         # The sliding window slices the inputs: give it a placeholder with a time axis.
@@ -578,14 +558,6 @@ def windowed_solve(
     else:
         xs_solve = xs
         wrap = lambda f: f
-    size = init.shape[0]
-    if guess is not None:
-        guess = jnp.asarray(guess)
-        if guess.shape != (length, size):
-            raise ValueError(
-                f"`guess` must have shape {(length, size)}, got {guess.shape}."
-            )
-        guess = guess.astype(init.dtype)
     if tolerance_scale is None:
         scale = jnp.ones(length, init.dtype)
     else:
@@ -604,15 +576,6 @@ def windowed_solve(
         if not jnp.issubdtype(scale.dtype, jnp.floating):
             scale = scale.astype(init.dtype)
         scale = jnp.broadcast_to(scale, (length,)).astype(init.dtype)
-    x0 = _index(xs, 0)
-    out_struct = jax.eval_shape(step, init, x0)
-    if not (
-        isinstance(out_struct, jax.ShapeDtypeStruct) and out_struct.shape == init.shape
-    ):
-        raise ValueError(
-            f"`step` must map a state of shape {init.shape} to one of the same shape, "
-            f"got {out_struct}."
-        )
     closed = eqx.filter_closure_convert(
         wrap(lambda s, x: step(s, x).astype(init.dtype)),
         init,
