@@ -31,8 +31,8 @@ class ELK(AbstractDampedMethod):
     **Arguments:** `rtol`, `atol`, `max_iters` (default 50), `fallback`; see
     [`partime.AbstractMethod`][]; and
 
-    - `damping`: the initial `λ` (default `1.0`, relative to the unit weight of each
-        step's residual).
+    - `damping`: the initial `λ` (default `1e-3`, relative to the unit weight of
+        each step's residual).
 
     ??? cite "References"
 
@@ -80,7 +80,7 @@ class QuasiELK(AbstractDampedMethod):
     guards against the model being wrong).
 
     **Arguments:** `rtol`, `atol`, `max_iters` (default 200), `fallback`, `damping`
-    (default `1.0`); see [`partime.ELK`][]; and `jacobian_batch_size`, see
+    (default `1e-3`); see [`partime.ELK`][]; and `jacobian_batch_size`, see
     [`partime.QuasiNewton`][].
 
     ??? cite "References"
