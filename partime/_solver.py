@@ -220,12 +220,16 @@ def _flat_step(solver, make_terms, args, unravel) -> Callable:
     return erk_step
 
 
-def _coarse_guess(inner_step, interpolation_cls, y0_flat, ts, coarse_ts):
+def _is_count(value: Any, minimum: int) -> bool:
+    """Whether `value` is a Python `int` (not a `bool`) of at least `minimum`."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _coarse_guess(inner_step, interpolation_cls, ravel, y0_flat, ts, coarse_ts):
     """A first iterate for a window: the inner solver stepped sequentially over the
     few long steps `coarse_ts`, and its dense output at the inner grid `ts` (a
     parareal-style predictor). `inner_step` takes the original terms (for an SDE,
-    the Brownian motion over the long steps)."""
-    ravel = lambda y: jfu.ravel_pytree(y)[0].astype(y0_flat.dtype)
+    the Brownian motion over the long steps); `ravel` flattens a state."""
 
     def coarse_step(y_flat, x):
         y1, _, info, _, _ = inner_step(y_flat, x)
@@ -598,30 +602,18 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
 
     def __check_init__(self):
         _check_inner_solver(self.solver)
-        if (
-            isinstance(self.num_steps, bool)
-            or not isinstance(self.num_steps, int)
-            or self.num_steps < 1
-        ):
+        if not _is_count(self.num_steps, 1):
             raise ValueError(
                 "`partime.ParallelSolver(num_steps=...)` must be a positive integer "
                 f"(the number of inner steps per window); got {self.num_steps!r}."
             )
-        if self.coarse_steps is not None and (
-            isinstance(self.coarse_steps, bool)
-            or not isinstance(self.coarse_steps, int)
-            or self.coarse_steps < 0
-        ):
+        if self.coarse_steps is not None and not _is_count(self.coarse_steps, 0):
             raise ValueError(
                 "`partime.ParallelSolver(coarse_steps=...)` must be `None` or a "
                 f"non-negative integer; got {self.coarse_steps!r}."
             )
         if self.window is not None:
-            if (
-                isinstance(self.window, bool)
-                or not isinstance(self.window, int)
-                or self.window < 1
-            ):
+            if not _is_count(self.window, 1):
                 raise ValueError(
                     "`partime.ParallelSolver(window=...)` must be `None` or a positive "
                     f"integer (inner steps in flight at a time); got {self.window!r}."
@@ -675,6 +667,7 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
         del made_jump
         _check_terms(terms)
         y0_flat, unravel = jfu.ravel_pytree(y0)
+        ravel = lambda y: jfu.ravel_pytree(y)[0].astype(y0_flat.dtype)
         solver = _with_root_finder_tolerances(
             _with_bounded_scan(self.solver), *self.method.tolerances(y0_flat.dtype)
         )
@@ -706,13 +699,13 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
                 _coarse_guess(
                     lambda y, x: coarse_inner_step(y, (*x, ())),
                     solver.interpolation_cls,
+                    ravel,
                     y0_flat,
                     ts,
                     coarse_ts,
                 )
             )
         if self.guess is not None:
-            ravel = lambda y: jfu.ravel_pytree(y)[0].astype(y0_flat.dtype)
             candidates.append(jax.vmap(lambda t: ravel(self.guess(t)))(ts[1:]))
         guess = _best_guess(flat_step, y0_flat, xs, candidates) if candidates else None
         if self.window is not None and self.window < self.num_steps:
@@ -726,12 +719,10 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
                 schedule="sliding",
                 guess=guess,
             )
-            y_prevs = jnp.concatenate([y0_flat[None], states[:-1]])
         elif self.mesh is None:
             states, stats = fixed_point_solve(
                 flat_step, y0_flat, xs, self.method, guess=guess
             )
-            y_prevs = jnp.concatenate([y0_flat[None], states[:-1]])
         else:
             # The window's inner steps split over the mesh's time axis.
             states, stats = sharded_fixed_point_solve(
@@ -746,6 +737,9 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
             y_prevs = previous_states(
                 y0_flat, states, mesh=self.mesh, axis_name=self.axis_name
             )
+
+        if self.mesh is None:
+            y_prevs = jnp.concatenate([y0_flat[None], states[:-1]])
 
         # One more vectorised pass at the converged states, for the parts of each inner
         # step the iteration does not keep: its error estimate and dense info.

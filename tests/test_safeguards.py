@@ -5,12 +5,14 @@ the iteration is hopeless."""
 
 import math
 
+import diffrax
 import jax
 import jax.numpy as jnp
 import jax.random as jr
 import pytest
 
 import partime
+from partime._solver import _inner_grid
 
 from .helpers import max_rel_error
 
@@ -225,8 +227,6 @@ SOLVER_PROBLEMS = {
 
 
 def _diffrax_solve(problem, solver):
-    import diffrax
-
     field, y0, t1, num_steps = SOLVER_PROBLEMS[problem]
     parallel = isinstance(solver, partime.ParallelSolver)
     sol = diffrax.diffeqsolve(
@@ -239,21 +239,15 @@ def _diffrax_solve(problem, solver):
         saveat=diffrax.SaveAt(ts=jnp.linspace(0.0, t1, 101), solver_state=parallel),
         stepsize_controller=diffrax.ConstantStepSize()
         if parallel
-        else diffrax.StepTo(ts=_parallel_grid(t1, num_steps)),
+        # Bit for bit the inner grid of one window `[0, t1]`.
+        else diffrax.StepTo(ts=_inner_grid(0.0, t1, num_steps)),
         max_steps=1 if parallel else num_steps,
     )
     return sol.ys, sol.solver_state if parallel else None
 
 
-def _parallel_grid(t1, num_steps):
-    # Bit for bit the inner grid of one window `[0, t1]`.
-    return t1 * (jnp.arange(num_steps + 1) / num_steps)
-
-
 @pytest.fixture(scope="module")
 def solver_references():
-    import diffrax
-
     return {
         name: jax.jit(_diffrax_solve, static_argnums=(0, 1))(name, diffrax.Tsit5())[0]
         for name in SOLVER_PROBLEMS
@@ -269,8 +263,6 @@ def test_parallel_solver(solver_references, problem, method):
     """`ParallelSolver()` as shipped (Newton), and every other method on the
     relaxation oscillator: finite, exact (by convergence or the fallback), and when
     hopeless stopped early."""
-    import diffrax
-
     _, _, _, num_steps = SOLVER_PROBLEMS[problem]
     solver = partime.ParallelSolver(
         diffrax.Tsit5(),
