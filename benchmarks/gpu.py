@@ -454,7 +454,8 @@ def _guard(job: dict[str, Any], fn):
     try:
         return fn(job)
     except Exception as error:  # reported in the table
-        job["failed"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+        first_line = (str(error).splitlines() or [""])[0]
+        job["failed"] = f"{type(error).__name__}: {first_line[:200]}"
         return None
 
 
