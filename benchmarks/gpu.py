@@ -46,7 +46,8 @@ short are the largest and the smallest. Before compiling a function the script
 predicts its cost from the same function at the last `T` it ran at (compile time
 scaled by `log T`, call time by `T`) and skips it, and says so in the table, when a
 call would take longer than `--max-call` seconds or the function would not finish,
-with a margin of half its predicted time, within `--budget` seconds of the start;
+with a margin of half its predicted time, within `--budget` seconds of the start (a
+function with nothing to predict from starts only with a minute left);
 functions whose memory (estimated from their Jacobians before compiling, then read
 off the compiled function) exceeds half the device's memory (`--max-memory-gb`) are
 skipped too. The results are rewritten after every row, so a run stopped from outside
@@ -105,6 +106,8 @@ ITEMSIZE = 4
 VALUE_TOL, GRAD_TOL = scan.TOLERANCES["float32"]
 METHODS = {"Newton": partime.Newton, "QuasiNewton": partime.QuasiNewton}
 PREDICTION_MARGIN = 1.5
+# A function with no prediction starts only with this many seconds left.
+UNPREDICTED_S = 60.0
 
 
 # The functions ----------------------------------------------------------------------
@@ -265,8 +268,10 @@ class Runner:
             ), 0.0
         predicted = self.predict(key, T)
         left = self.left() - spent
-        if predicted is None:
-            return (None if left > 0 else "out of time (--budget)"), 0.0
+        if predicted is None:  # the first T it runs at: its cost is unknown
+            if left < UNPREDICTED_S:
+                return f"out of time: cost unknown, {max(left, 0):.0f} s left", 0.0
+            return None, 0.0
         call, total = predicted
         if call > self.args.max_call:
             return (
