@@ -72,15 +72,19 @@ def time_calls(
     return {"median_s": statistics.median(times), "times_s": times}
 
 
-def max_rel_error(x: Any, y: Any) -> float:
-    """Largest error over the leaves of `x` against the reference `y`, each leaf's
-    error relative to that leaf's largest magnitude in `y` (so that entries near zero
-    do not dominate)."""
-    errors = [
-        float(jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(b)), 1e-30))
+def rel_errors(x: Any, y: Any) -> list[jax.Array]:
+    """Per leaf, the largest error of `x` against the reference `y` relative to that
+    leaf's largest magnitude in `y` (so that entries near zero do not dominate).
+    Traceable: `jax.jit` it to compare large arrays in one compiled program."""
+    return [
+        jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(b)), 1e-30)
         for a, b in zip(jtu.tree_leaves(x), jtu.tree_leaves(y), strict=True)
     ]
-    return max(errors)
+
+
+def max_rel_error(x: Any, y: Any) -> float:
+    """The largest of `rel_errors(x, y)`."""
+    return max(float(error) for error in rel_errors(x, y))
 
 
 def _git_commit() -> str | None:

@@ -319,10 +319,10 @@ HEADER = [
     "grad err",
     "lax fwd ms",
     "fwd ms",
-    "fwd speedup",
+    "fwd speed-up",
     "lax grad ms",
     "grad ms",
-    "grad speedup",
+    "grad speed-up",
     "fwd/grad MiB",
     "note",
 ]
