@@ -76,8 +76,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-# First: lets `import partime` work from a checkout that is not installed.
-import _checkout  # noqa: F401
 import equinox as eqx
 import jax
 import jax.numpy as jnp

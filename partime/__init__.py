@@ -38,4 +38,8 @@ from ._windowed import (
 )
 
 
-__version__ = importlib.metadata.version("partime")
+try:
+    __version__ = importlib.metadata.version("partime")
+except importlib.metadata.PackageNotFoundError:
+    # A source checkout on `PYTHONPATH`, not installed (e.g. copied to a GPU machine).
+    __version__ = "0+unknown"

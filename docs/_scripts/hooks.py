@@ -26,6 +26,7 @@ TITLES = {
     "ode": "`partime.ParallelSolver` against sequential diffrax (neural ODE)",
     "windows": "Windowed solves (bounded memory)",
     "sharding": "The time axis sharded over devices",
+    "gpu": "The GPU benchmark (neural ODE and GRU, float32)",
 }
 
 _sections: list[str] = []
