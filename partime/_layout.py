@@ -23,7 +23,6 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-import lineax as lx
 from jaxtyping import Array, Bool, Float, Int, PyTree
 
 from ._fallback import sequential_completion
@@ -31,7 +30,7 @@ from ._kalman import damped_solve
 from ._lds import AbstractTransition, DenseTransition
 from ._loop import iterate
 from ._method.base import AbstractMethod
-from ._operator import BidiagonalOperator, ScanSolver
+from ._operator import BidiagonalOperator
 from ._stats import Stats
 
 
@@ -96,12 +95,15 @@ class AbstractLayout(eqx.Module):
 def linear_tangent_solve(step, init, xs, states, tangents):
     """The implicit derivative on one device: the right-hand side is how `f_t` moves
     with `(s_0, x_t, θ)` at the solution, the previous states held fixed (their
-    motion is what `L` accounts for); then one parallel scan through lineax.
+    motion is what `L` accounts for); then one parallel scan.
 
     No `stop_gradient` on the solution or the Jacobians: differentiating this rule
-    again (second derivatives) must see how they move. `throw=False`: a solve that
-    overflowed has a non-finite operator, and its derivative is then non-finite, as
-    diffrax's is, rather than an error from a host callback.
+    again (second derivatives) must see how they move.
+
+    The solve is `jax.lax.custom_linear_solve` with the scan and its transpose (the
+    reverse scan), not `lineax.linear_solve`: lineax's transpose rule checks its
+    solution on the host and raises when it is not finite, so the gradient of a solve
+    that overflowed would be an error instead of non-finite, as diffrax's is.
     """
     primals = (step, init, xs)
     tangents = jtu.tree_map(
@@ -114,7 +116,12 @@ def linear_tangent_solve(step, init, xs, states, tangents):
     )
     jacobians = jax.vmap(jax.jacfwd(step))(shift(init, states), xs)
     operator = BidiagonalOperator(DenseTransition(jacobians))
-    return lx.linear_solve(operator, rhs, ScanSolver(), throw=False).value
+    return jax.lax.custom_linear_solve(
+        operator.mv,
+        rhs,
+        solve=lambda _, b: operator.solve(b),
+        transpose_solve=lambda _, b: operator.transpose().solve(b),
+    )
 
 
 class WholeSequence(AbstractLayout):

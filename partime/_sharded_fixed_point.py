@@ -245,10 +245,8 @@ class Sharded(AbstractLayout):
         _, rhs = eqx.filter_jvp(
             lambda step, init, xs: values(step, init, xs, states), primals, tangents
         )
-        # Not through lineax with `ShardedScanSolver`: lineax's transpose rule always
-        # runs its error check, a host callback on the solution, and the compiler
-        # gathers a sharded solution onto one device for it. JAX transposes this
-        # solve itself, into a `shard_map` that communicates as little.
+        # JAX transposes this solve itself (as on one device, lineax's transpose
+        # rule is avoided), into a `shard_map` that communicates as little.
         return sharded_solve(
             DenseTransition(jacobians(step, init, xs, states)),
             rhs,

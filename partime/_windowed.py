@@ -269,7 +269,15 @@ def _sliding_forward(step, init, xs, guess, scale, *, method, window, length):
 
         first_open = jnp.minimum(accepted, window - 1)
         slow = (accepted < num_valid) & (it + 1 - entered[first_open] >= cap)
-        failed = slow | ~jnp.all(jnp.isfinite(new))
+        finite = jnp.all(jnp.isfinite(new), axis=-1)
+        diverged = ~jnp.all(finite)
+        failed = slow | diverged
+        # As in the loop: past its first non-finite step, the iterate continues the
+        # last finite state as a constant, so that it is never NaN. (The accepted
+        # steps are final, whatever their value.)
+        first_bad = jnp.sum(jnp.cumprod(finite.astype(jnp.int32)), dtype=jnp.int32)
+        cut = jnp.maximum(first_bad, accepted)
+        new = jnp.where((index >= cut)[:, None], new[cut - 1], new)
         if method.fallback:
             # Exact sequential completion of the window from its converged prefix;
             # a loop of zero trips unless the window failed (not a `cond`, which
@@ -297,9 +305,9 @@ def _sliding_forward(step, init, xs, guess, scale, *, method, window, length):
             ~stopped,
             RESULTS.successful,
             RESULTS.where(
-                jnp.all(jnp.isfinite(new)),
-                RESULTS.nonlinear_max_steps_reached,
+                diverged,
                 RESULTS.nonlinear_divergence,
+                RESULTS.nonlinear_max_steps_reached,
             ),
         )
 

@@ -133,3 +133,30 @@ def test_stats_print_values():
     assert f"num_iterations={int(stats.num_iterations)}" in text
     assert "result=RESULTS.successful" in text
     assert stats.num_iterations.dtype == jnp.int32
+
+
+@pytest.mark.parametrize("layout", list(layouts))
+def test_overflowing_iterates_without_fallback_stay_finite(layout):
+    """Newton's iterates overflow on this recurrence (its sequential answer does
+    not): without the fallback, every layout cuts them and stays finite, and a
+    success is exact."""
+
+    def f(s, _):
+        new = jnp.exp(s) - 1.5
+        return new, new
+
+    init = jnp.array([0.1])
+    method = partime.Newton(max_iters=4, fallback=False)
+    *out, stats = partime.scan(
+        f,
+        init,
+        None,
+        length=48,
+        method=method,
+        return_stats=True,
+        throw=False,
+        **layouts[layout],
+    )
+    assert _is_finite(out)
+    if stats.result == partime.RESULTS.successful:
+        assert max_rel_error(out, jax.lax.scan(f, init, length=48)) < 1e-8
