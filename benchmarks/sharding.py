@@ -63,7 +63,6 @@ from _common import (
 from jax.sharding import AxisType
 
 import partime
-from partime._sharded_fixed_point import sharded_fixed_point_solve
 
 
 METHODS = {"Newton": partime.Newton, "QuasiNewton": partime.QuasiNewton}
@@ -207,7 +206,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], bool]:
                 axis_types=(AxisType.Auto,),
                 devices=jax.devices()[:count],
             )
-            sharded = lambda *a: sharded_fixed_point_solve(*a, mesh=mesh)
+            sharded = lambda *a: partime.fixed_point_solve(*a, mesh=mesh)
             forward, grad = solve_fn(sharded, method)
             fwd_c, _ = compile_fn(forward, params, h0, xs)
             grad_c, _ = compile_fn(grad, params, h0, xs)

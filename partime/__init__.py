@@ -23,19 +23,11 @@ from ._operator import (
     ScanSolver as ScanSolver,
 )
 from ._scan import scan as scan
-from ._sharded_fixed_point import (
-    sharded_fixed_point_solve as sharded_fixed_point_solve,
-)
-from ._sharding import ShardedScanSolver as ShardedScanSolver
 from ._solver import (
     ParallelSolver as ParallelSolver,
     ParallelSolverState as ParallelSolverState,
 )
 from ._stats import RESULTS as RESULTS, Stats as Stats
-from ._windowed import (
-    windowed_solve as windowed_solve,
-    WindowStats as WindowStats,
-)
 
 
 try:

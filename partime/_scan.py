@@ -10,12 +10,11 @@ from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh
 from jaxtyping import ArrayLike, PyTree
 
-from ._fixed_point import fixed_point_solve
+from ._fixed_point import fixed_point_solve, previous
 from ._method.base import AbstractMethod
 from ._method.newton import Newton
-from ._sharded_fixed_point import previous_states, sharded_fixed_point_solve
-from ._stats import RESULTS, Stats
-from ._windowed import map_in_windows, windowed_solve, WindowStats
+from ._stats import Stats
+from ._windowed import map_in_windows
 
 
 def _flip(tree: PyTree) -> PyTree:
@@ -38,7 +37,7 @@ def scan(
     tolerance_scale: ArrayLike | None = None,
     mesh: Mesh | None = None,
     axis_name: str | None = None,
-) -> tuple[PyTree, PyTree] | tuple[PyTree, PyTree, Stats | WindowStats]:
+) -> tuple[PyTree, PyTree] | tuple[PyTree, PyTree, Stats]:
     """Evaluates `jax.lax.scan(f, init, xs, length, reverse)` in parallel over time.
 
     The carries `c_1..c_T` of the recurrence `(c_t, y_t) = f(c_{t-1}, x_t)` are found
@@ -60,12 +59,12 @@ def scan(
         `fallback=False`, or a non-finite `init`). If `False`, check `stats.result`.
     - `window`, `schedule`, `tolerance_scale`: solve `window` steps at a time, by a
         sliding window or by fixed blocks, optionally with per-step tolerance factors
-        (given in the order of `xs`); memory then stays bounded for any horizon, and
-        `stats` is a [`partime.WindowStats`][]. See [`partime.windowed_solve`][].
+        (given in the order of `xs`); memory then stays bounded for any horizon. See
+        [`partime.fixed_point_solve`][].
     - `mesh`, `axis_name`: split the time axis over the devices of mesh axis
         `axis_name` (which may be omitted on a 1-D mesh); `T` must be a multiple of
         their number, and the mesh's axes `jax.sharding.AxisType.Auto`. The outputs
-        are sharded over time too. See [`partime.sharded_fixed_point_solve`][].
+        are sharded over time too. See [`partime.fixed_point_solve`][].
 
     **Returns:** `(final_carry, ys)`, or `(final_carry, ys, stats)`.
 
@@ -108,52 +107,24 @@ def scan(
 
     if guess is not None:
         guess = jax.vmap(lambda c: ravel_pytree(c)[0])(guess)
-    if mesh is not None:
-        if window is not None or tolerance_scale is not None:
-            raise ValueError(
-                "`partime.scan(mesh=...)` does not combine with `window=` or "
-                "`tolerance_scale=` yet: shard the whole horizon, or solve in windows "
-                "on one device."
-            )
-        states, stats = sharded_fixed_point_solve(
-            step,
-            init_flat,
-            xs,
-            method,
-            mesh=mesh,
-            axis_name=axis_name,
-            length=length,
-            guess=guess,
-        )
-    elif window is None and tolerance_scale is None:
-        states, stats = fixed_point_solve(
-            step, init_flat, xs, method, length=length, guess=guess
-        )
-    else:
-        if reverse and tolerance_scale is not None and jnp.ndim(tolerance_scale):
-            tolerance_scale = _flip(tolerance_scale)
-        states, stats = windowed_solve(
-            step,
-            init_flat,
-            xs,
-            method,
-            window=window,
-            schedule=schedule,
-            length=length,
-            guess=guess,
-            tolerance_scale=tolerance_scale,
-        )
+    if reverse and tolerance_scale is not None and jnp.ndim(tolerance_scale):
+        tolerance_scale = _flip(tolerance_scale)
+    states, stats = fixed_point_solve(
+        step,
+        init_flat,
+        xs,
+        method,
+        length=length,
+        guess=guess,
+        window=window,
+        schedule=schedule,
+        tolerance_scale=tolerance_scale,
+        mesh=mesh,
+        axis_name=axis_name,
+        throw=throw,
+    )
     last = states[-1]
-    if throw:
-        # The check is a host callback: give it the small arrays, not `states`, which
-        # the compiler would first gather onto one device where it is sharded.
-        init_flat, last = stats.result.error_if(
-            (init_flat, last), stats.result != RESULTS.successful
-        )
-    if mesh is None:
-        prev = jnp.concatenate([init_flat[None], states[:-1]])
-    else:
-        prev = previous_states(init_flat, states, mesh=mesh, axis_name=axis_name)
+    prev = previous(init_flat, states, mesh=mesh, axis_name=axis_name)
     output = lambda s, x: f(unravel(s), x)[1]
     if window is None:
         ys = jax.vmap(output)(prev, xs)

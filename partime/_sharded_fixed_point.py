@@ -1,23 +1,22 @@
-"""[`partime.fixed_point_solve`][] with the time axis split over the devices of a mesh.
+"""The sharded layout: the time axis split over the devices of a mesh.
 
-The whole iteration runs inside one `jax.shard_map`. Device `p` holds steps
-`pC+1 .. (p+1)C` (`C = T / P`) of the iterate and of the inputs, and per iteration
+The one loop (`partime._loop.iterate`) runs inside one `jax.shard_map`. Device `p`
+holds steps `pC+1 .. (p+1)C` (`C = T / P`) of the iterate and of the inputs, and the
+loop's reductions over time go through collectives:
 
-1. receives the state before its chunk from device `p - 1` (`lax.ppermute`, `d`
-    numbers; device 0 uses `s_0`);
-2. linearises its chunk (`method.linearise`);
-3. solves its share of the Newton system (`partime._sharding.chunk_solve`: a local
-    scan, one `all_gather` of the `P` chunk summaries, `P·(d² + d)` numbers for
-    Newton, and a scan over them);
-4. joins one reduction over the devices (`lax.psum` of two flags: converged,
-    finite) that every device's loop condition reads.
+- the state before a chunk comes from device `p - 1` (`lax.ppermute`, `d` numbers;
+    device 0 uses `s_0`);
+- the Newton system is solved by `partime._sharding.chunk_solve` (a local scan, one
+    `all_gather` of the `P` chunk summaries, `P·(d² + d)` numbers for Newton);
+- the merit and the convergence tests are `lax.psum`s of scalars, the first step
+    that fails a test a `lax.pmin`, the state at a step a `lax.psum` of `d` numbers;
+- the exact fallback runs chunk by chunk, round-robin across the devices.
 
-Nothing proportional to `T` crosses devices. The derivative is implicit, as in the
-unsharded solve: one linear solve with the Newton operator at the solution, sharded the
-same way; for reverse mode JAX transposes it into a `shard_map` that moves as little.
+Nothing proportional to `T` crosses devices. The derivative is the one implicit rule,
+its linear solve sharded the same way; for reverse mode JAX transposes it into a
+`shard_map` that moves as little.
 """
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -28,16 +27,11 @@ import jax.tree_util as jtu
 from jax.sharding import Mesh, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int, PyTree
 
-from ._fixed_point import check_inputs
+from ._layout import AbstractLayout, zeros_for_none
 from ._lds import DenseTransition
-from ._method.base import AbstractMethod
-from ._sharding import (
-    chunk_solve,
-    filter_shard_map,
-    sharded_solve,
-    time_axis,
-)
-from ._stats import RESULTS, Stats
+from ._loop import iterate
+from ._method.base import AbstractDampedMethod
+from ._sharding import chunk_solve, filter_shard_map, sharded_solve, time_axis
 
 
 class _ClosedStep(eqx.Module):
@@ -76,11 +70,6 @@ def _index(xs: PyTree, t: Int[Array, ""] | int) -> PyTree:
     return jtu.tree_map(lambda a: a[t], xs)
 
 
-def _within(x: Array, tol: Array) -> Bool[Array, " C"]:
-    """Per step: every component of `|x_t| <= tol_t`. NaN compares False: not within."""
-    return jnp.all(jnp.abs(x) <= tol, axis=-1)
-
-
 def _incoming(
     init: Float[Array, " d"], states: Float[Array, "C d"], axis_name: str, count: int
 ) -> Float[Array, " d"]:
@@ -91,93 +80,67 @@ def _incoming(
     return jnp.where(jax.lax.axis_index(axis_name) == 0, init, before)
 
 
-def _previous(
-    init: Float[Array, " d"], states: Float[Array, "C d"], axis_name: str, count: int
-) -> Float[Array, "C d"]:
-    """`s_{t-1}` for every step `t` of this device's chunk."""
-    first = _incoming(init, states, axis_name, count)
-    return jnp.concatenate([first[None], states[:-1]])
+class _Chunk(eqx.Module):
+    """One device's view of the time axis, inside `shard_map`: the loop's reductions
+    over time, through collectives."""
 
+    length: int = eqx.field(static=True)
+    axis_name: str = eqx.field(static=True)
+    count: int = eqx.field(static=True)
 
-def _iterate(
-    step: Callable,
-    init: Array,
-    xs: PyTree,
-    guess: Array,
-    *,
-    method: AbstractMethod,
-    axis_name: str,
-    count: int,
-    length: int,
-) -> tuple[Array, Stats]:
-    """One device's share of the plain (undamped, full-horizon) iteration of
-    `partime._fixed_point._iterate`; call inside `shard_map`. Same iterates and
-    convergence test, same exact fallback; no trust region in time and no early
-    stop of hopeless cases (see `sharded_fixed_point_solve`)."""
-    chunk = guess.shape[0]
-    rtol, atol = method.tolerances(init.dtype)
-    cap = method.iteration_cap(length)
-    init_finite = jnp.all(jnp.isfinite(init))
-    index = jax.lax.axis_index(axis_name)
-    previous = lambda states: _previous(init, states, axis_name, count)
+    @property
+    def chunk(self) -> int:
+        return self.length // self.count
 
-    def cond_fun(carry):
-        it, _, converged, diverged = carry
-        return (it < cap) & ~converged & ~diverged & init_finite
+    @property
+    def index(self) -> Int[Array, " C"]:
+        first = jax.lax.axis_index(self.axis_name).astype(jnp.int32) * self.chunk
+        return first + jnp.arange(self.chunk, dtype=jnp.int32)
 
-    def body_fun(carry):
-        it, states, _, _ = carry
-        f, transition = method.linearise(step, previous(states), xs)
-        residual = states - f
-        delta = chunk_solve(transition, -residual, axis_name, count)
-        tol = atol + rtol * jnp.abs(states)
-        new_states = states + delta
-        local_failures = jnp.stack(
-            [
-                ~jnp.all(_within(delta, tol) & _within(residual, tol)),
-                ~jnp.all(jnp.isfinite(new_states)),
-            ]
-        )
-        # The iteration's one reduction: how many chunks have not converged, and how
-        # many produced non-finite values. Every device reads the same answer, so the
-        # loops stay in step.
-        failures = jax.lax.psum(local_failures.astype(jnp.int32), axis_name)
-        converged = failures[0] == 0
-        finite = failures[1] == 0
-        # Keep the last finite iterate, everywhere: the fallback continues from its
-        # prefix.
-        states = jnp.where(finite, new_states, states)
-        return it + 1, states, converged & finite, ~finite
+    def merit(self, residual, mask=None):
+        squares = jnp.sum(residual**2, axis=-1)
+        if mask is not None:
+            squares = jnp.where(mask, squares, 0)
+        local = 0.5 * jnp.sum(squares)
+        local = jnp.where(jnp.isfinite(local), local, jnp.inf)
+        return jax.lax.psum(local, self.axis_name)
 
-    carry = (jnp.array(0), guess, jnp.array(False), jnp.array(False))
-    num_iterations, states, converged, diverged = jax.lax.while_loop(
-        cond_fun, body_fun, carry
-    )
+    def first_false(self, ok: Bool[Array, " C"]) -> Int[Array, ""]:
+        local = jnp.sum(jnp.cumprod(ok.astype(jnp.int32)), dtype=jnp.int32)
+        first = jnp.where(local < self.chunk, self.index[0] + local, self.length)
+        return jax.lax.pmin(first.astype(jnp.int32), self.axis_name)
 
-    # The converged prefix: the first step, over all chunks, whose residual is out of
-    # tolerance (one `pmin`). Zero trips when the iteration converged.
-    def prefix_body(carry):
-        f = jax.vmap(step)(previous(states), xs)
-        ok = _within(states - f, atol + rtol * jnp.abs(states))
-        local = jnp.sum(jnp.cumprod(ok.astype(jnp.int32)))
-        first_bad = jnp.where(local < chunk, index * chunk + local, length)
-        return jax.lax.pmin(first_bad, axis_name), jnp.array(True)
+    def all(self, ok):
+        failures = (~jnp.all(ok)).astype(jnp.int32)
+        return jax.lax.psum(failures, self.axis_name) == 0
 
-    no_prefix_needed = converged | ~init_finite
-    prefix, _ = jax.lax.while_loop(
-        lambda carry: ~carry[1], prefix_body, (jnp.array(length), no_prefix_needed)
-    )
+    def state_at(self, init, states, t):
+        local = t - 1 - self.index[0]
+        mine = (local >= 0) & (local < self.chunk)
+        value = jnp.where(mine, states[jnp.clip(local, 0, self.chunk - 1)], 0)
+        value = jax.lax.psum(value, self.axis_name)
+        return jnp.where(t == 0, init, value)
 
-    if method.fallback:
-        # Exact sequential completion from the converged prefix, chunk by chunk: in
-        # round `r` device `r` steps through its chunk from the state the previous
-        # device finished with (one `ppermute` of `d` numbers per round); the others
-        # wait. Zero rounds when the iteration converged.
+    def previous(self, init, states):
+        first = _incoming(init, states, self.axis_name, self.count)
+        return jnp.concatenate([first[None], states[:-1]])
+
+    def solve(self, transition, b):
+        return chunk_solve(transition, b, self.axis_name, self.count)
+
+    def complete(self, step, init, xs, states, start):
+        """The exact sequential fallback from step `start`, chunk by chunk: in round
+        `r` device `r` steps through its chunk from the state the previous device
+        finished with (one `ppermute` of `d` numbers per round); the others wait.
+        Zero rounds when `start = T`."""
+        chunk = self.chunk
+        index = jax.lax.axis_index(self.axis_name)
+
         def round_body(carry):
             r, states = carry
-            incoming = _incoming(init, states, axis_name, count)
+            incoming = _incoming(init, states, self.axis_name, self.count)
             begin = jnp.where(
-                index == r, jnp.clip(prefix - index * chunk, 0, chunk), chunk
+                index == r, jnp.clip(start - index * chunk, 0, chunk), chunk
             )
 
             def step_body(carry):
@@ -191,188 +154,108 @@ def _iterate(
             return r + 1, states
 
         _, states = jax.lax.while_loop(
-            lambda carry: carry[0] < count, round_body, (prefix // chunk, states)
+            lambda carry: carry[0] < self.count, round_body, (start // chunk, states)
         )
-        result = RESULTS.where(init_finite, RESULTS.successful, RESULTS.nonfinite_input)
-        fallback_start = prefix
-    else:
-        result = RESULTS.where(
-            converged,
-            RESULTS.successful,
-            RESULTS.where(diverged, RESULTS.diverged, RESULTS.max_iters_reached),
+        return states
+
+
+class Sharded(AbstractLayout):
+    """The time axis split over the devices of mesh axis `axis_name`."""
+
+    length: int = eqx.field(static=True)
+    mesh: Mesh = eqx.field(static=True)
+    axis_name: str = eqx.field(static=True)
+
+    def __init__(self, length: int, mesh: Mesh, axis_name: str | None = None):
+        self.axis_name, count = time_axis(mesh, axis_name)
+        if length % count != 0:
+            raise ValueError(
+                f"The sequence length {length} is not a multiple of the {count} "
+                f"devices on mesh axis {self.axis_name!r}: every device holds an "
+                "equal chunk of the time axis. Choose a length (or a number of "
+                "devices) that divides evenly."
+            )
+        self.length = length
+        self.mesh = mesh
+
+    @property
+    def _count(self) -> int:
+        return self.mesh.shape[self.axis_name]
+
+    def check(self, method):
+        if isinstance(method, AbstractDampedMethod):
+            raise ValueError(
+                f"{type(method).__name__} is a damped method, whose Kalman smoother "
+                "is not sharded: it cannot run on a mesh. Use an undamped method "
+                "(`partime.Newton()` keeps its trust region in time on a mesh), or "
+                "solve on one device."
+            )
+
+    def close(self, fn, init, x0):
+        return _ClosedStep(fn, init, x0)
+
+    def _map(self, fn, num_args, out_specs):
+        time, replicated = PartitionSpec(self.axis_name), PartitionSpec()
+        return filter_shard_map(
+            fn,
+            self.mesh,
+            in_specs=(replicated, replicated) + (time,) * (num_args - 2),
+            out_specs=out_specs,
+            check_vma=False,
         )
-        result = RESULTS.where(init_finite, result, RESULTS.nonfinite_input)
-        fallback_start = jnp.array(length)
-    stats = Stats(
-        num_iterations=num_iterations,
-        fallback_start=fallback_start,
-        length=length,
-        result=result,
-    )
-    # Only arrays leave `shard_map` (and a custom JVP): the static part is put back by
-    # the caller.
-    return states, eqx.filter(stats, eqx.is_array)
 
+    def forward(self, step, init, xs, guess, scale, method):
+        del scale
+        chunk = _Chunk(self.length, self.axis_name, self._count)
 
-def _local_values(step, init, xs, states, *, axis_name, count):
-    """`f_t(s_{t-1})` on this device's chunk."""
-    return jax.vmap(step)(_previous(init, states, axis_name, count), xs)
+        def solve(step, init, xs, guess):
+            states, stats = iterate(step, init, xs, guess, method, chunk)
+            # Only arrays leave `shard_map`: the static part is put back outside.
+            return states, eqx.filter(stats, eqx.is_array)
 
+        time = PartitionSpec(self.axis_name)
+        return self._map(solve, 4, (time, PartitionSpec()))(step, init, xs, guess)
 
-def _local_jacobians(step, init, xs, states, *, axis_name, count):
-    """`∂f_t/∂s_{t-1}` on this device's chunk."""
-    return jax.vmap(jax.jacfwd(step))(_previous(init, states, axis_name, count), xs)
-
-
-@eqx.filter_custom_jvp
-def _solve(step, init, xs, guess, *, method, mesh, axis_name):
-    count = mesh.shape[axis_name]
-    time, replicated = PartitionSpec(axis_name), PartitionSpec()
-    iterate = filter_shard_map(
-        functools.partial(
-            _iterate,
-            method=method,
-            axis_name=axis_name,
-            count=count,
-            length=guess.shape[0],
-        ),
-        mesh,
-        in_specs=(replicated, replicated, time, time),
-        out_specs=(time, replicated),
-        check_vma=False,
-    )
-    return iterate(step, init, xs, jax.lax.stop_gradient(guess))
-
-
-def _zeros_for_none(primal, tangent):
-    if tangent is None and eqx.is_inexact_array(primal):
-        return jnp.zeros_like(primal)
-    return tangent
-
-
-@_solve.def_jvp
-def _solve_jvp(primals, tangents, *, method, mesh, axis_name):
-    step, init, xs, guess = primals
-    t_step, t_init, t_xs, _ = tangents
-    states, stats = _solve(
-        step, init, xs, guess, method=method, mesh=mesh, axis_name=axis_name
-    )
-    # No `stop_gradient` on the solution or the Jacobians: differentiating this
-    # rule again (second derivatives) must see how they move.
-    count = mesh.shape[axis_name]
-    time, replicated = PartitionSpec(axis_name), PartitionSpec()
-    local = lambda fn: filter_shard_map(
-        functools.partial(fn, axis_name=axis_name, count=count),
-        mesh,
-        in_specs=(replicated, replicated, time, time),
-        out_specs=time,
-        check_vma=False,
-    )
-
-    # Right-hand side: how f_t moves with (s_0, x_t, θ) at the solution, the previous
-    # states held fixed; every device differentiates its own chunk. (For reverse mode
-    # JAX transposes this `shard_map`: the replicated `s_0` and `θ` get their
-    # cotangents by one `psum`.)
-    def evaluate(step, init, xs):
-        return local(_local_values)(step, init, xs, states)
-
-    primals_in = (step, init, xs)
-    tangents_in = jtu.tree_map(
-        _zeros_for_none, primals_in, (t_step, t_init, t_xs), is_leaf=lambda x: x is None
-    )
-    _, rhs = eqx.filter_jvp(evaluate, primals_in, tangents_in)
-    jacobians = local(_local_jacobians)(step, init, xs, states)
-    # The Newton system at the solution, solved across devices. Not through lineax
-    # with `ShardedScanSolver`: lineax's transpose rule always runs its error check,
-    # a host callback on the solution, and the compiler gathers a sharded solution
-    # onto one device for it. JAX transposes this solve itself, into a `shard_map`
-    # that communicates as little (a `psum_scatter` of the chunk summaries).
-    t_states = sharded_solve(
-        DenseTransition(jacobians),
-        rhs,
-        mesh=mesh,
-        axis_name=axis_name,
-    )
-    t_stats = jtu.tree_map(lambda _: None, stats)
-    return (states, stats), (t_states, t_stats)
-
-
-def sharded_fixed_point_solve(
-    step: Callable[[Float[Array, " d"], PyTree[Any]], Float[Array, " d"]],
-    init: Float[Array, " d"],
-    xs: PyTree[Any],
-    method: AbstractMethod,
-    *,
-    mesh: Mesh,
-    axis_name: str | None = None,
-    length: int | None = None,
-    guess: Float[Array, "T d"] | None = None,
-) -> tuple[Float[Array, "T d"], Stats]:
-    """[`partime.fixed_point_solve`][] with the time axis split over the devices of
-    one axis of a mesh.
-
-    Device `p` of `P` holds steps `pT/P + 1 .. (p+1)T/P` of the states, the inputs
-    and (for Newton) the Jacobians, so memory per device falls like `1/P`. Per
-    iteration the devices exchange only `O(P·(d² + d))` numbers (each chunk's affine
-    summary), never `O(T·d)`. The iterates, the convergence test, the exact
-    sequential fallback and the implicit derivatives are those of the unsharded
-    solve, and the results agree with it to rounding. The one-device solve's
-    safeguards that need global bookkeeping every iteration — the trust region in
-    time, the damped methods' merit test and the early stop of hopeless cases — are
-    not (yet) sharded: here the iteration runs until it converges, produces a
-    non-finite value, or reaches the cap, and then falls back. So on a problem the
-    one-device solve gives up on early, this one may spend more iterations (and
-    vice versa), with the same exact answer.
-
-    **Arguments:**
-
-    - `step`, `init`, `xs`, `method`, `length`, `guess`: as for
-        [`partime.fixed_point_solve`][]. `T` must be a multiple of the number of
-        devices on the time axis.
-    - `mesh`: a `jax.sharding.Mesh` with `Auto` axes, e.g.
-        `jax.make_mesh((8,), ("time",), axis_types=(jax.sharding.AxisType.Auto,))`.
-    - `axis_name`: the mesh axis that splits time; may be omitted on a 1-D mesh. Along
-        any other axis of the mesh the computation is replicated.
-
-    **Returns:** `(states, stats)` as for [`partime.fixed_point_solve`][]; `states` is
-    sharded over `axis_name`.
-
-    The exact sequential fallback, when the iteration does not converge, runs chunk
-    by chunk — device `p` steps through its chunk while the others wait — and moves
-    one state (`d` numbers) between neighbours per chunk: its cost is that of
-    `T - fallback_start` sequential steps, with no gathering of the sequence.
-
-    The mesh's axes must be `Auto` (not `jax.make_mesh`'s default, `Explicit`):
-    `step` is traced once and replayed on every device, which explicit sharding does
-    not allow.
-    """
-    if not isinstance(method, AbstractMethod):
-        raise TypeError(
-            "`method` must be a partime method (e.g. `partime.Newton()`), got "
-            f"{method!r}."
+    def tangent_solve(self, step, init, xs, states, tangents):
+        chunk = _Chunk(self.length, self.axis_name, self._count)
+        time = PartitionSpec(self.axis_name)
+        # Right-hand side: how f_t moves with (s_0, x_t, θ) at the solution, the
+        # previous states held fixed; every device differentiates its own chunk. (For
+        # reverse mode JAX transposes this `shard_map`: the replicated `s_0` and `θ`
+        # get their cotangents by one `psum`.) No `stop_gradient`: second
+        # derivatives must see how the solution and the Jacobians move.
+        values = self._map(
+            lambda step, init, xs, states: jax.vmap(step)(
+                chunk.previous(init, states), xs
+            ),
+            4,
+            time,
         )
-    axis_name, count = time_axis(mesh, axis_name)
-    init, length, guess = check_inputs(step, init, xs, length, guess)
-    if length % count != 0:
-        raise ValueError(
-            f"The sequence length {length} is not a multiple of the {count} devices "
-            f"on mesh axis {axis_name!r}: every device holds an equal chunk of the "
-            "time axis. Choose a length (or a number of devices) that divides evenly."
+        jacobians = self._map(
+            lambda step, init, xs, states: jax.vmap(jax.jacfwd(step))(
+                chunk.previous(init, states), xs
+            ),
+            4,
+            time,
         )
-    if guess is None:
-        guess = jnp.broadcast_to(init, (length, init.shape[0]))
-    x0 = _index(xs, 0)
-    closed = _ClosedStep(lambda s, x: step(s, x).astype(init.dtype), init, x0)
-    states, dynamic_stats = _solve(
-        closed, init, xs, guess, method=method, mesh=mesh, axis_name=axis_name
-    )
-    skeleton = Stats(
-        num_iterations=jnp.array(0),
-        fallback_start=jnp.array(0),
-        length=length,
-        result=RESULTS.successful,
-    )
-    return states, eqx.combine(dynamic_stats, skeleton)
+        primals = (step, init, xs)
+        tangents = jtu.tree_map(
+            zeros_for_none, primals, tangents, is_leaf=lambda x: x is None
+        )
+        _, rhs = eqx.filter_jvp(
+            lambda step, init, xs: values(step, init, xs, states), primals, tangents
+        )
+        # JAX transposes this solve itself (as on one device, lineax's transpose
+        # rule is avoided), into a `shard_map` that communicates as little.
+        return sharded_solve(
+            DenseTransition(jacobians(step, init, xs, states)),
+            rhs,
+            mesh=self.mesh,
+            axis_name=self.axis_name,
+        )
+
+    def previous(self, init, states):
+        return previous_states(init, states, mesh=self.mesh, axis_name=self.axis_name)
 
 
 def previous_states(
@@ -389,7 +272,9 @@ def previous_states(
     axis_name, count = time_axis(mesh, axis_name)
     time = PartitionSpec(axis_name)
     shift = filter_shard_map(
-        functools.partial(_previous, axis_name=axis_name, count=count),
+        lambda init, states: jnp.concatenate(
+            [_incoming(init, states, axis_name, count)[None], states[:-1]]
+        ),
         mesh,
         in_specs=(PartitionSpec(), time),
         out_specs=time,

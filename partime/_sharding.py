@@ -17,9 +17,6 @@ solve keeps for its chunk (a scan that kept every prefix `A_t ⋯ A_1` would add
 The transpose (the reverse scan) shards the same way, with one extra `lax.ppermute` of
 the next chunk's first transition (`d²` numbers), because `y_t = A_{t+1}^T y_{t+1} +
 b_t` reaches one step into the next chunk.
-
-[`partime.ShardedScanSolver`][] exposes this as a `lineax` solver for a
-[`partime.BidiagonalOperator`][] whose arrays are sharded over the time axis.
 """
 
 import functools
@@ -29,7 +26,6 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import lineax as lx
 from jax.sharding import AxisType, Mesh, PartitionSpec
 from jaxtyping import Array, Float
 
@@ -40,7 +36,6 @@ from ._lds import (
     IdentityTransition,
     ZeroTransition,
 )
-from ._operator import _block_solve, BidiagonalOperator
 
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -292,94 +287,3 @@ def sharded_solve(
         out_specs=spec,
     )
     return solve(transition, b)
-
-
-class ShardedScanSolver(lx.AbstractLinearSolver):
-    """Solves a [`partime.BidiagonalOperator`][] with the time axis split over the
-    devices of one mesh axis: [`partime.ScanSolver`][] across devices.
-
-    Each device scans its own chunk; the chunks' affine summaries (`O(P·d²)` numbers
-    in all) are gathered and composed by a scan over the `P` chunks. Its `transpose` is
-    the reverse scan, sharded the same way.
-
-    Two things to know. The `shard_map` runs inside lineax's solve primitive, where
-    `jax.jit` cannot see it: give the operator and vector shardings on the mesh (e.g.
-    `jax.device_put(..., NamedSharding(mesh, PartitionSpec("time")))`), so that the
-    compiled program spans the mesh. And reverse mode through `lineax.linear_solve`
-    runs lineax's error check on the transposed solve's result unconditionally, a host
-    callback for which the compiler gathers that `(T, d)` array onto one device;
-    forward mode does not. partime's own gradients therefore transpose the sharded
-    scan directly (see [`partime.sharded_fixed_point_solve`][]).
-
-    **Arguments:**
-
-    - `mesh`: a `jax.sharding.Mesh`.
-    - `axis_name`: the mesh axis that splits time; may be omitted on a 1-D mesh.
-    """
-
-    mesh: Mesh = eqx.field(static=True)
-    axis_name: str = eqx.field(static=True)
-
-    def __init__(self, mesh: Mesh, axis_name: str | None = None):
-        self.axis_name, _ = time_axis(mesh, axis_name)
-        self.mesh = mesh
-
-    def init(self, operator: lx.AbstractLinearOperator, options: dict[str, Any]):
-        del options
-        if not isinstance(operator, BidiagonalOperator):
-            raise ValueError(
-                "`partime.ShardedScanSolver` only solves "
-                f"`partime.BidiagonalOperator`s, got {type(operator).__name__}."
-            )
-        return operator
-
-    def compute(self, state: BidiagonalOperator, vector, options: dict[str, Any]):
-        del options
-        num_chunks = self.mesh.shape[self.axis_name]
-        spec = PartitionSpec(self.axis_name)
-
-        length = vector.shape[0]
-        if length % num_chunks != 0:
-            raise ValueError(
-                f"The sequence length {length} is not a multiple of the {num_chunks} "
-                f"devices on mesh axis {self.axis_name!r}."
-            )
-        solve = filter_shard_map(
-            functools.partial(
-                chunk_solve,
-                axis_name=self.axis_name,
-                num_chunks=num_chunks,
-                reverse=state.transposed,
-            ),
-            self.mesh,
-            in_specs=(spec, spec),
-            out_specs=spec,
-        )
-        blocks = state.diagonal_blocks
-        if blocks is None:
-            solution = solve(state.transition, vector)
-        else:
-            # x_t = M_t x_{t-1} + D_t^{-1} b_t, M_t = D_t^{-1} A_t; the transpose
-            # z_t = c_t + M_{t+1}^T z_{t+1}, y_t = D_t^{-T} z_t. The per-step solves
-            # stay outside `shard_map` (lineax's structure checks do not accept the
-            # manual-axis shardings inside it); they are per step, so XLA splits them
-            # over the devices with no communication.
-            scaled = DenseTransition(
-                _block_solve(blocks, state.transition.as_dense(), transpose=False)
-            )
-            if state.transposed:
-                z = solve(scaled, vector)
-                solution = _block_solve(blocks, z, transpose=True)
-            else:
-                rhs = _block_solve(blocks, vector, transpose=False)
-                solution = solve(scaled, rhs)
-        return solution, lx.RESULTS.successful, {}
-
-    def transpose(self, state: BidiagonalOperator, options: dict[str, Any]):
-        return state.transpose(), options
-
-    def conj(self, state: BidiagonalOperator, options: dict[str, Any]):
-        return lx.conj(state), options
-
-    def assume_full_rank(self):
-        return True

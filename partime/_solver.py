@@ -21,12 +21,9 @@ from equinox.internal import ω
 from jax.sharding import Mesh
 from jaxtyping import Array, Int, PyTree
 
-from ._fixed_point import fixed_point_solve
+from ._fixed_point import fixed_point_solve, previous
 from ._method.base import AbstractMethod
 from ._method.newton import Newton
-from ._sharded_fixed_point import previous_states, sharded_fixed_point_solve
-from ._stats import RESULTS as PARTIME_RESULTS
-from ._windowed import windowed_solve
 
 
 class ParallelSolverState(eqx.Module):
@@ -444,7 +441,7 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
 
     With `window=W` (at most `num_steps`), at most `W` inner steps are iterated on at
     a time, in a window that slides forward as its leading steps converge (the
-    ParaDiGMS schedule of [`partime.windowed_solve`][]): a long window whose far end
+    ParaDiGMS schedule of [`partime.fixed_point_solve`][]): a long window whose far end
     converges slowly does not redo its converged head, and Newton's memory is
     `O(W d²)` rather than `O(num_steps · d²)`. The result is the same.
 
@@ -708,55 +705,28 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
         if self.guess is not None:
             candidates.append(jax.vmap(lambda t: ravel(self.guess(t)))(ts[1:]))
         guess = _best_guess(flat_step, y0_flat, xs, candidates) if candidates else None
-        if self.window is not None and self.window < self.num_steps:
-            # A sliding window of `window` inner steps moves through this one.
-            states, stats = windowed_solve(
-                flat_step,
-                y0_flat,
-                xs,
-                self.method,
-                window=self.window,
-                schedule="sliding",
-                guess=guess,
-            )
-        elif self.mesh is None:
-            states, stats = fixed_point_solve(
-                flat_step, y0_flat, xs, self.method, guess=guess
-            )
-        else:
-            # The window's inner steps split over the mesh's time axis.
-            states, stats = sharded_fixed_point_solve(
-                flat_step,
-                y0_flat,
-                xs,
-                self.method,
-                mesh=self.mesh,
-                axis_name=self.axis_name,
-                guess=guess,
-            )
-            y_prevs = previous_states(
-                y0_flat, states, mesh=self.mesh, axis_name=self.axis_name
-            )
-
-        if self.mesh is None:
-            y_prevs = jnp.concatenate([y0_flat[None], states[:-1]])
+        # A sliding window of `window` inner steps moves through this one, or the
+        # inner steps split over the mesh's time axis.
+        window = self.window if self.window and self.window < self.num_steps else None
+        states, stats = fixed_point_solve(
+            flat_step,
+            y0_flat,
+            xs,
+            self.method,
+            guess=guess,
+            window=window,
+            mesh=self.mesh,
+            axis_name=self.axis_name,
+            throw=False,
+        )
+        y_prevs = previous(y0_flat, states, mesh=self.mesh, axis_name=self.axis_name)
 
         # One more vectorised pass at the converged states, for the parts of each inner
         # step the iteration does not keep: its error estimate and dense info.
         _, y_errors, dense_infos, _, inner_results = jax.vmap(inner_step)(y_prevs, xs)
         y1 = unravel(states[-1])
 
-        # diffrax's `RESULTS.where` takes diffrax's own members only: translate.
-        result = diffrax.RESULTS.successful
-        for ours, theirs in (
-            (
-                PARTIME_RESULTS.max_iters_reached,
-                diffrax.RESULTS.nonlinear_max_steps_reached,
-            ),
-            (PARTIME_RESULTS.diverged, diffrax.RESULTS.nonlinear_divergence),
-            (PARTIME_RESULTS.nonfinite_input, diffrax.RESULTS.nonfinite),
-        ):
-            result = diffrax.RESULTS.where(stats.result == ours, theirs, result)
+        result = diffrax.RESULTS.promote(stats.result)
         inner_ok = jnp.all(inner_results == diffrax.RESULTS.successful)
         first_failure = jnp.argmax(inner_results != diffrax.RESULTS.successful)
         inner_result = jtu.tree_map(lambda r: r[first_failure], inner_results)
@@ -819,5 +789,5 @@ ParallelSolver.__init__.__doc__ = """**Arguments:**
     constant `y(t0)` instead, with no sequential work at all (static).
 - `mesh`, `axis_name`: split each window's inner steps over the devices of mesh axis
     `axis_name` (which may be omitted on a 1-D mesh); `num_steps` must be a multiple of
-    their number. See [`partime.sharded_fixed_point_solve`][].
+    their number. See [`partime.fixed_point_solve`][].
 """

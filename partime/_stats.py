@@ -1,50 +1,55 @@
 """Result codes and statistics of a parallel solve."""
 
 import equinox as eqx
-import equinox.internal as eqxi
+import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Int
+import optimistix as optx
+from jaxtyping import Array, Bool, Int, PyTree
 
 
-class RESULTS(eqxi.Enumeration):
-    """Outcome of a parallel-in-time solve.
+# partime's result codes are optimistix's (built on lineax's): a solve that did not
+# converge is `nonlinear_max_steps_reached`, one that diverged `nonlinear_divergence`,
+# a non-finite `init` `nonfinite_input`. So `diffrax.RESULTS.promote` takes them as
+# they are.
+RESULTS = optx.RESULTS
 
-    A solve whose iteration did not converge but which finished the remaining steps with
-    the exact sequential fallback is `successful`: its answer is exact. Check
-    [`partime.Stats.fell_back`][] to see whether that happened.
-    """
-
-    successful = ""
-    max_iters_reached = (
-        "The parallel iteration did not converge within `max_iters` iterations and the "
-        "sequential fallback is switched off (`fallback=False`). Increase `max_iters`, "
-        "pick a more robust method (e.g. `partime.Newton`), use shorter windows, or "
-        "set `fallback=True` to finish the computation sequentially."
-    )
-    diverged = (
-        "The parallel iteration diverged (it produced NaN or infinite values) and the "
-        "sequential fallback is switched off (`fallback=False`). Use a damped method, "
-        "a better initial guess, shorter windows, or set `fallback=True`."
-    )
-    nonfinite_input = (
-        "The initial state contains NaN or infinite values; the recurrence cannot be "
-        "evaluated. Check `init` / `y0`."
-    )
+# The messages of `throw=True`, with partime's knobs in them (optimistix's speak of
+# `max_steps`).
+_MESSAGES = (
+    "The parallel iteration did not converge within `max_iters` iterations and the "
+    "sequential fallback is switched off (`fallback=False`). Increase `max_iters`, "
+    "pick a more robust method (e.g. `partime.Newton`), use shorter windows, or set "
+    "`fallback=True` to finish the computation sequentially.",
+    "The parallel iteration diverged (it produced NaN or infinite values) and the "
+    "sequential fallback is switched off (`fallback=False`). Use a damped method, a "
+    "better initial guess, shorter windows, or set `fallback=True`.",
+    "The initial state contains NaN or infinite values. (The steps were computed "
+    "sequentially, as `jax.lax.scan` would; pass `throw=False` to get them.)",
+)
 
 
 class Stats(eqx.Module):
-    """Statistics of one parallel-in-time solve.
+    """Statistics of one parallel-in-time solve, for every layout of time (whole
+    sequence, windows, a mesh).
 
     **Attributes:**
 
-    - `num_iterations`: parallel iterations taken.
-    - `fallback_start`: index of the first step that the exact sequential fallback
-        computed; equal to the sequence length when no fallback ran.
+    - `num_iterations`: parallel iterations taken, summed over all windows. For the
+        sliding window this is the depth of the computation: each iteration is one
+        parallel evaluation of `W` steps.
+    - `num_advances`: how often the window moved: 1 for a whole sequence, the number
+        of blocks for `schedule="blocks"`, the number of iterations after which the
+        sliding window moved forward for `schedule="sliding"`.
+    - `num_sequential_steps`: steps computed by the exact sequential fallback.
+    - `fallback_start`: index of the first step that the fallback computed; equal to
+        the sequence length when no fallback ran.
     - `length`: the sequence length `T`.
-    - `result`: a [`partime.RESULTS`][] member.
+    - `result`: a `partime.RESULTS` member (optimistix's result codes).
     """
 
     num_iterations: Int[Array, ""]
+    num_advances: Int[Array, ""]
+    num_sequential_steps: Int[Array, ""]
     fallback_start: Int[Array, ""]
     length: int = eqx.field(static=True)
     result: RESULTS
@@ -52,9 +57,40 @@ class Stats(eqx.Module):
     @property
     def fell_back(self) -> Bool[Array, ""]:
         """Whether the sequential fallback computed any step."""
-        return self.fallback_start < self.length
+        return self.num_sequential_steps > 0
 
-    @property
-    def num_sequential_steps(self) -> Int[Array, ""]:
-        """How many steps the sequential fallback computed."""
-        return jnp.asarray(self.length) - self.fallback_start
+    def __repr__(self) -> str:
+        def show(x):
+            if isinstance(x, jax.core.Tracer):
+                return repr(x)
+            return repr(x.tolist()) if isinstance(x, jax.Array) else repr(x)
+
+        fields = ("num_iterations", "num_advances", "num_sequential_steps")
+        items = [f"{name}={show(getattr(self, name))}" for name in fields]
+        items.append(f"fallback_start={show(self.fallback_start)}")
+        items.append(f"length={self.length}")
+        result = self.result
+        if isinstance(result._value, jax.core.Tracer) or jnp.ndim(result._value):
+            items.append(f"result={result!r}")
+        else:
+            names = ("successful", "nonlinear_max_steps_reached")
+            names += ("nonlinear_divergence", "nonfinite_input")
+            name = next(n for n in names if bool(result == getattr(RESULTS, n)))
+            items.append(f"result=RESULTS.{name}")
+        return f"Stats({', '.join(items)})"
+
+
+def count(x) -> Int[Array, ""]:
+    """An `int32` counter (no weak types, which `print` shows as `weak_i32[]`)."""
+    return jnp.asarray(x, jnp.int32)
+
+
+def raise_if_failed(stats: Stats, token: PyTree) -> PyTree:
+    """`token`, with a run-time error attached if the solve failed (`throw=True`)."""
+    result = stats.result
+    index = jnp.where(
+        result == RESULTS.nonfinite_input,
+        2,
+        jnp.where(result == RESULTS.nonlinear_divergence, 1, 0),
+    )
+    return eqx.branched_error_if(token, result != RESULTS.successful, index, _MESSAGES)

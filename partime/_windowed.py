@@ -1,84 +1,38 @@
-"""Windowed parallel-in-time evaluation: fixed blocks and a sliding window.
+"""Windowed layouts of time: fixed blocks and a sliding window.
 
-The whole-sequence solve of [`partime.fixed_point_solve`][] holds every step at once:
-`O(T d²)` memory for Newton. Here at most `W` steps are in flight at a time, so memory
-is `O(W d²)` (Newton) or `O(W d)` (quasi-Newton, Picard, Jacobi) plus the `O(T d)`
-trajectory, for any horizon `T`. Two schedules:
+The whole-sequence layout holds every step at once: `O(T d²)` memory for Newton. Here
+at most `W` steps are in flight at a time, so memory is `O(W d²)` (Newton) or `O(W d)`
+(quasi-Newton, Picard, Jacobi) plus the `O(T d)` trajectory, for any horizon `T`.
 
-- `"blocks"`: Gauss–Seidel across fixed blocks of `W` steps — a `lax.scan` over the
-    blocks, each solved in parallel by `fixed_point_solve` (any method, with its exact
+- `Blocks`: Gauss–Seidel across fixed blocks of `W` steps — a `lax.scan` over the
+    blocks, each solved by the one loop (any method, every safeguard, its exact
     fallback) from the previous block's last state (Song et al., 2021).
-- `"sliding"`: one window of `W` steps that moves forward, after every iteration, by
-    the number of its leading steps that have converged, keeping the rest of its
-    iterate as the guess for the next iteration (ParaDiGMS; Shih et al., 2023). No
-    iteration is spent on steps that have already converged, nor waits for the far
-    end of a block.
+- `SlidingWindow`: one window of `W` steps that moves forward, after every
+    iteration, by the number of its leading steps that have converged, keeping the
+    rest of its iterate as the guess for the next iteration (ParaDiGMS; Shih et al.,
+    2023). No iteration is spent on steps that have already converged, nor waits for
+    the far end of a block.
 
-Derivatives are implicit, as for the whole-sequence solve, and windowed too: the
-tangent solve `L ṡ = ∂f·(ṡ_0, ẋ, θ̇)` at the solution is a `lax.scan` over blocks of
-`W` steps, each a parallel scan through lineax that carries the incoming tangent state.
-Reverse mode is JAX's transpose of that rule: a reverse `lax.scan` over blocks, whose
-body is rematerialised so that the Jacobians are never stored for more than one block.
+Derivatives come from the one rule of `partime._fixed_point`, and are windowed too:
+the tangent solve at the solution is a `lax.scan` over blocks of `W` steps, each the
+whole-sequence tangent solve carrying the incoming tangent state. Reverse mode is
+JAX's transpose of that: a reverse `lax.scan` over blocks, whose body is
+rematerialised so that the Jacobians are never stored for more than one block.
 """
 
 from collections.abc import Callable
-from typing import Any, Literal
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-import lineax as lx
-from jaxtyping import Array, ArrayLike, Bool, Float, Int, PyTree
+from jaxtyping import Array, Int, PyTree
 
-from ._fixed_point import check_inputs, fixed_point_solve
-from ._lds import DenseTransition
-from ._method.base import AbstractMethod
-from ._operator import BidiagonalOperator, ScanSolver
-from ._stats import RESULTS
-
-
-_SCHEDULES = ("sliding", "blocks")
-
-
-class WindowStats(eqx.Module):
-    """Statistics of one windowed solve ([`partime.windowed_solve`][], or
-    `partime.scan(..., window=W, return_stats=True)`).
-
-    **Attributes:**
-
-    - `num_iterations`: parallel iterations, summed over all windows. For the sliding
-        window this is the depth of the computation: each iteration is one parallel
-        evaluation of `W` steps.
-    - `num_advances`: how often the window moved: the number of blocks for
-        `"blocks"`; the number of iterations after which the sliding window moved
-        forward (by at least one step) for `"sliding"`.
-    - `num_sequential_steps`: steps computed by the exact sequential fallback.
-    - `fallback_start`: the first step that the fallback computed; `length` if none.
-    - `length`: the sequence length `T`.
-    - `window`: the window length `W` actually used (at most `T`).
-    - `schedule`: `"sliding"` or `"blocks"`.
-    - `result`: a [`partime.RESULTS`][] member.
-    """
-
-    num_iterations: Int[Array, ""]
-    num_advances: Int[Array, ""]
-    num_sequential_steps: Int[Array, ""]
-    fallback_start: Int[Array, ""]
-    length: int = eqx.field(static=True)
-    window: int = eqx.field(static=True)
-    schedule: str = eqx.field(static=True)
-    result: RESULTS
-
-    @property
-    def fell_back(self) -> Bool[Array, ""]:
-        """Whether the sequential fallback computed any step."""
-        return self.num_sequential_steps > 0
-
-
-def _within(x: Array, tol: Array) -> Bool[Array, " W"]:
-    """Per step: every component of `|x_t| <= tol_t`. NaN compares False."""
-    return jnp.all(jnp.abs(x) <= tol, axis=-1)
+from ._fallback import sequential_completion
+from ._layout import AbstractLayout, linear_tangent_solve, WholeSequence, zeros_for_none
+from ._loop import iterate, within
+from ._method.base import AbstractDampedMethod
+from ._stats import count, RESULTS, Stats
 
 
 def _index(tree: PyTree, t: Int[Array, ""] | int) -> PyTree:
@@ -122,69 +76,136 @@ def map_in_windows(fn: Callable, inputs: tuple, window: int) -> PyTree:
     return jax.lax.map(lambda a: fn(*a), inputs, batch_size=window)
 
 
-# Forward: fixed blocks -------------------------------------------------------------
+class _AbstractWindowed(AbstractLayout):
+    length: eqx.AbstractVar[int]
+    window: eqx.AbstractVar[int]
 
-
-def _blocks_forward(step, init, xs, guess, *, method, window, length):
-    num_blocks, tail = divmod(length, window)
-
-    def solve_block(carry, inputs, size):
-        state, stats = carry
-        xs_block, guess_block, offset = inputs
-        states, block = fixed_point_solve(
-            step, state, xs_block, method, length=size, guess=guess_block
+    def tangent_solve(self, step, init, xs, states, tangents):
+        """The whole-sequence tangent solve, `window` steps at a time, each block's
+        first step fed by the previous block's last tangent."""
+        window, length = self.window, self.length
+        t_step, t_init, t_xs = jtu.tree_map(
+            zeros_for_none, (step, init, xs), tangents, is_leaf=lambda x: x is None
         )
-        first = (stats.fallback_start == length) & block.fell_back
-        stats = WindowStats(
-            num_iterations=stats.num_iterations + block.num_iterations,
-            num_advances=stats.num_advances + 1,
-            num_sequential_steps=stats.num_sequential_steps
-            + block.num_sequential_steps,
-            fallback_start=jnp.where(
-                first, offset + block.fallback_start, stats.fallback_start
-            ),
+        # The last, partial block is padded to a full one (repeating the last state
+        # and input, with zero input tangents): being after every real step, the
+        # padding cannot affect them, and there is one compiled block rather than two.
+        num_blocks = -(-length // window)
+        pad = num_blocks * window - length
+        if pad:
+            states = _pad_edge(states, pad)
+            xs = _pad_edge(xs, pad)
+            zeros = lambda a: jnp.zeros((pad,) + a.shape[1:], a.dtype)
+            t_xs = jtu.tree_map(lambda a: jnp.concatenate([a, zeros(a)]), t_xs)
+        blocks, _ = _split_blocks((states, xs, t_xs), num_blocks, window)
+        inits = jnp.concatenate([init[None], blocks[0][:-1, -1]])
+
+        def block(t_in, inputs):
+            block_init, (block_states, xs_block, t_xs_block) = inputs
+            t_states = linear_tangent_solve(
+                step, block_init, xs_block, block_states, (t_step, t_in, t_xs_block)
+            )
+            return t_states[-1], t_states
+
+        # Rematerialised: reverse mode then stores each block's inputs, not its
+        # Jacobians, and recomputes them in the backward scan: O(W d²) memory.
+        _, t_states = jax.lax.scan(jax.checkpoint(block), t_init, (inits, blocks))
+        return t_states.reshape(num_blocks * window, -1)[:length]
+
+
+class Blocks(_AbstractWindowed):
+    """Gauss–Seidel across fixed blocks of `window` steps."""
+
+    length: int = eqx.field(static=True)
+    window: int = eqx.field(static=True)
+
+    def forward(self, step, init, xs, guess, scale, method):
+        del scale
+        length, window = self.length, self.window
+        num_blocks, tail = divmod(length, window)
+
+        def solve_block(carry, inputs, size):
+            state, stats = carry
+            xs_block, guess_block, offset = inputs
+            states, block = iterate(
+                step, state, xs_block, guess_block, method, WholeSequence(size)
+            )
+            first = (stats.fallback_start == length) & block.fell_back
+            stats = Stats(
+                num_iterations=stats.num_iterations + block.num_iterations,
+                num_advances=stats.num_advances + 1,
+                num_sequential_steps=stats.num_sequential_steps
+                + block.num_sequential_steps,
+                fallback_start=jnp.where(
+                    first, offset + block.fallback_start, stats.fallback_start
+                ),
+                length=length,
+                result=RESULTS.where(
+                    stats.result == RESULTS.successful, block.result, stats.result
+                ),
+            )
+            return (states[-1], stats), states
+
+        zero = count(0)
+        stats = Stats(
+            num_iterations=zero,
+            num_advances=zero,
+            num_sequential_steps=zero,
+            fallback_start=count(length),
             length=length,
-            window=window,
-            schedule="blocks",
-            result=RESULTS.where(
-                stats.result == RESULTS.successful, block.result, stats.result
-            ),
+            result=RESULTS.successful,
         )
-        return (states[-1], stats), states
-
-    zero = jnp.array(0)
-    stats = WindowStats(
-        num_iterations=zero,
-        num_advances=zero,
-        num_sequential_steps=zero,
-        fallback_start=jnp.array(length),
-        length=length,
-        window=window,
-        schedule="blocks",
-        result=RESULTS.successful,
-    )
-    xs_full, xs_tail = _split_blocks(xs, num_blocks, window)
-    guess_full, guess_tail = _split_blocks(guess, num_blocks, window)
-    offsets = jnp.arange(num_blocks) * window
-    carry = (init, stats)
-    pieces = []
-    if num_blocks > 0:
-        carry, states = jax.lax.scan(
-            lambda c, i: solve_block(c, i, window),
-            carry,
-            (xs_full, guess_full, offsets),
-        )
-        pieces.append(states.reshape(num_blocks * window, -1))
-    if tail > 0:
-        carry, states = solve_block(
-            carry, (xs_tail, guess_tail, jnp.array(num_blocks * window)), tail
-        )
-        pieces.append(states)
-    _, stats = carry
-    return jnp.concatenate(pieces) if len(pieces) > 1 else pieces[0], stats
+        xs_full, xs_tail = _split_blocks(xs, num_blocks, window)
+        guess_full, guess_tail = _split_blocks(guess, num_blocks, window)
+        offsets = jnp.arange(num_blocks, dtype=jnp.int32) * window
+        carry = (init, stats)
+        pieces = []
+        if num_blocks > 0:
+            carry, states = jax.lax.scan(
+                lambda c, i: solve_block(c, i, window),
+                carry,
+                (xs_full, guess_full, offsets),
+            )
+            pieces.append(states.reshape(num_blocks * window, -1))
+        if tail > 0:
+            carry, states = solve_block(
+                carry, (xs_tail, guess_tail, count(num_blocks * window)), tail
+            )
+            pieces.append(states)
+        _, stats = carry
+        return jnp.concatenate(pieces) if len(pieces) > 1 else pieces[0], stats
 
 
-# Forward: the sliding window -------------------------------------------------------
+class SlidingWindow(_AbstractWindowed):
+    """The ParaDiGMS sliding window of `window` steps."""
+
+    length: int = eqx.field(static=True)
+    window: int = eqx.field(static=True)
+
+    def check(self, method):
+        if isinstance(method, AbstractDampedMethod):
+            raise ValueError(
+                f"{type(method).__name__} is a damped method: its Levenberg–Marquardt "
+                "step needs the merit of the whole window, which the sliding window "
+                "changes every iteration. Use `schedule='blocks'` (each block is "
+                "damped), or an undamped method (e.g. `partime.Newton()`)."
+            )
+
+    def default_guess(self, init):
+        # New steps enter at the far end from the window's last value.
+        return None
+
+    def forward(self, step, init, xs, guess, scale, method):
+        return _sliding_forward(
+            step,
+            init,
+            xs,
+            guess,
+            scale,
+            method=method,
+            window=self.window,
+            length=self.length,
+        )
 
 
 def _sliding_forward(step, init, xs, guess, scale, *, method, window, length):
@@ -207,7 +228,7 @@ def _sliding_forward(step, init, xs, guess, scale, *, method, window, length):
         first_window = guess[:window]
     else:
         first_window = jnp.broadcast_to(init, (window, size))
-    index = jnp.arange(window)
+    index = jnp.arange(window, dtype=jnp.int32)
     init_finite = jnp.all(jnp.isfinite(init))
 
     def cond_fun(carry):
@@ -227,19 +248,19 @@ def _sliding_forward(step, init, xs, guess, scale, *, method, window, length):
         prev = jnp.concatenate([head[None], iterate[:-1]])
         f, transition = method.linearise(step, prev, xs_window)
         residual = iterate - f
+        delta = transition.solve(-residual)
         scale_window = jnp.roll(
             jax.lax.dynamic_slice_in_dim(scale, start, window), -offset
         )
         tol = scale_window[:, None] * (atol + rtol * jnp.abs(iterate))
-        # The leading steps whose residual is within tolerance are final: each one's
+        # The leading steps whose residual and update are within tolerance (the
+        # meaning of `rtol`, `atol` on every layout) are final: each one's
         # predecessor is final too (the first one's is `head`).
-        converged = jnp.sum(jnp.cumprod((_within(residual, tol) & valid).astype(int)))
-        delta = lx.linear_solve(
-            BidiagonalOperator(transition), -residual, ScanSolver(), throw=False
-        ).value
+        ok = within(residual, tol) & within(delta, tol) & valid
+        converged = jnp.sum(jnp.cumprod(ok.astype(jnp.int32)), dtype=jnp.int32)
         # The accepted steps take this update too: for Newton it squares their error
-        # (for Jacobi it is one more sweep), for the others it moves them by about
-        # the residuals just found within tolerance.
+        # (for Jacobi it is one more sweep), for the others it moves them by at most
+        # the tolerance.
         new = jnp.where(valid[:, None], iterate + delta, iterate)
         # The front step's predecessor is final, so its update is exact: the window
         # always advances by at least that step.
@@ -248,7 +269,15 @@ def _sliding_forward(step, init, xs, guess, scale, *, method, window, length):
 
         first_open = jnp.minimum(accepted, window - 1)
         slow = (accepted < num_valid) & (it + 1 - entered[first_open] >= cap)
-        failed = slow | ~jnp.all(jnp.isfinite(new))
+        finite = jnp.all(jnp.isfinite(new), axis=-1)
+        diverged = ~jnp.all(finite)
+        failed = slow | diverged
+        # As in the loop: past its first non-finite step, the iterate continues the
+        # last finite state as a constant, so that it is never NaN. (The accepted
+        # steps are final, whatever their value.)
+        first_bad = jnp.sum(jnp.cumprod(finite.astype(jnp.int32)), dtype=jnp.int32)
+        cut = jnp.maximum(first_bad, accepted)
+        new = jnp.where((index >= cut)[:, None], new[cut - 1], new)
         if method.fallback:
             # Exact sequential completion of the window from its converged prefix;
             # a loop of zero trips unless the window failed (not a `cond`, which
@@ -276,9 +305,9 @@ def _sliding_forward(step, init, xs, guess, scale, *, method, window, length):
             ~stopped,
             RESULTS.successful,
             RESULTS.where(
-                jnp.all(jnp.isfinite(new)),
-                RESULTS.max_iters_reached,
-                RESULTS.diverged,
+                diverged,
+                RESULTS.nonlinear_divergence,
+                RESULTS.nonlinear_max_steps_reached,
             ),
         )
 
@@ -296,13 +325,15 @@ def _sliding_forward(step, init, xs, guess, scale, *, method, window, length):
             jnp.concatenate([new, fill]), advance, window
         )
         entered = jax.lax.dynamic_slice_in_dim(
-            jnp.concatenate([entered, jnp.full(window, it + 1)]), advance, window
+            jnp.concatenate([entered, jnp.full(window, it + 1, jnp.int32)]),
+            advance,
+            window,
         )
         return (
             pos + advance,
             stopped,
             it + 1,
-            advances + (advance > 0),
+            advances + (advance > 0).astype(jnp.int32),
             seq,
             fb_start,
             result,
@@ -312,294 +343,31 @@ def _sliding_forward(step, init, xs, guess, scale, *, method, window, length):
             buf,
         )
 
-    zero = jnp.array(0)
+    zero = count(0)
     carry = (
         zero,
         jnp.array(False),
         zero,
         zero,
         zero,
-        jnp.array(length),
+        count(length),
         RESULTS.successful,
         init,
         first_window,
-        jnp.zeros(window, zero.dtype),
+        jnp.zeros(window, jnp.int32),
         jnp.zeros((length, size), init.dtype),
     )
     carry = jax.lax.while_loop(cond_fun, body_fun, carry)
     _, _, it, advances, seq, fb_start, result, _, _, _, buf = carry
-    stats = WindowStats(
+    # A non-finite `init`: every step sequentially, as `jax.lax.scan` would.
+    start = jnp.where(init_finite, length, 0)
+    buf = sequential_completion(step, init, xs, buf, start)
+    stats = Stats(
         num_iterations=it,
         num_advances=advances,
-        num_sequential_steps=seq,
-        fallback_start=fb_start,
+        num_sequential_steps=jnp.where(init_finite, seq, length).astype(jnp.int32),
+        fallback_start=jnp.where(init_finite, fb_start, 0).astype(jnp.int32),
         length=length,
-        window=window,
-        schedule="sliding",
         result=RESULTS.where(init_finite, result, RESULTS.nonfinite_input),
     )
     return buf, stats
-
-
-# The solve and its windowed implicit derivative ------------------------------------
-
-
-@eqx.filter_custom_jvp
-def _solve(step, init, xs, guess, scale, *, method, window, schedule, length):
-    guess = jax.lax.stop_gradient(guess)
-    scale = jax.lax.stop_gradient(scale)
-    if schedule == "blocks":
-        states, stats = _blocks_forward(
-            step, init, xs, guess, method=method, window=window, length=length
-        )
-    else:
-        states, stats = _sliding_forward(
-            step, init, xs, guess, scale, method=method, window=window, length=length
-        )
-    # Custom-JVP outputs must be arrays: the statistics leave without their static part.
-    return states, eqx.filter(stats, eqx.is_array)
-
-
-def _zeros_for_none(primal, tangent):
-    if tangent is None and eqx.is_inexact_array(primal):
-        return jnp.zeros_like(primal)
-    return tangent
-
-
-def _tangent_solve(step, init, states, xs, tangents, *, window, length):
-    """`L ṡ = ∂f/∂(s_0, x, θ)·(ṡ_0, ẋ, θ̇)` at the solution, `window` steps at a time:
-    each block's Newton operator is solved by a parallel scan, its first step fed by
-    the previous block's last tangent."""
-    t_step, t_init, t_xs = jtu.tree_map(
-        _zeros_for_none, (step, init, xs), tangents, is_leaf=lambda x: x is None
-    )
-    # No `stop_gradient` on the solution or the Jacobians: differentiating this
-    # rule again (second derivatives) must see how they move; at first order they
-    # are known values and cost nothing more.
-    prev = jnp.concatenate([init[None], states[:-1]])
-
-    def block(t_in, inputs):
-        prev_block, xs_block, t_xs_block = inputs
-        t_prev = jnp.zeros_like(prev_block).at[0].set(t_in)
-        # How f_t moves with (s_{t-1} at the block's first step only, x_t, θ): the
-        # other previous states' motion is what the block's operator accounts for.
-        _, rhs = eqx.filter_jvp(
-            lambda step, p, x: jax.vmap(step)(p, x),
-            (step, prev_block, xs_block),
-            (t_step, t_prev, t_xs_block),
-        )
-        jacobians = jax.vmap(jax.jacfwd(step))(prev_block, xs_block)
-        operator = BidiagonalOperator(DenseTransition(jacobians))
-        t_states = lx.linear_solve(operator, rhs, ScanSolver()).value
-        return t_states[-1], t_states
-
-    # The last, partial block is padded to a full one (repeating the last state and
-    # input, with zero input tangents): being after every real step, the padding
-    # cannot affect them, and there is one compiled block rather than two.
-    num_blocks = -(-length // window)
-    pad = num_blocks * window - length
-    if pad:
-        last = states[-1]
-        prev = jnp.concatenate([prev, jnp.broadcast_to(last, (pad,) + last.shape)])
-        xs = _pad_edge(xs, pad)
-        t_xs = jtu.tree_map(
-            lambda a: jnp.concatenate([a, jnp.zeros((pad,) + a.shape[1:], a.dtype)]),
-            t_xs,
-        )
-    blocks, _ = _split_blocks((prev, xs, t_xs), num_blocks, window)
-    # Rematerialised: reverse mode then stores each block's inputs, not its Jacobians,
-    # and recomputes them in the backward scan: O(W d²) memory.
-    _, t_states = jax.lax.scan(jax.checkpoint(block), t_init, blocks)
-    return t_states.reshape(num_blocks * window, -1)[:length]
-
-
-@_solve.def_jvp
-def _solve_jvp(primals, tangents, *, method, window, schedule, length):
-    step, init, xs, guess, scale = primals
-    t_step, t_init, t_xs, _, _ = tangents
-    states, stats = _solve(
-        step,
-        init,
-        xs,
-        guess,
-        scale,
-        method=method,
-        window=window,
-        schedule=schedule,
-        length=length,
-    )
-    t_states = _tangent_solve(
-        step,
-        init,
-        states,
-        xs,
-        (t_step, t_init, t_xs),
-        window=window,
-        length=length,
-    )
-    t_stats = jtu.tree_map(lambda _: None, stats)
-    return (states, stats), (t_states, t_stats)
-
-
-def windowed_solve(
-    step: Callable[[Float[Array, " d"], PyTree[Any]], Float[Array, " d"]],
-    init: Float[Array, " d"],
-    xs: PyTree[Any],
-    method: AbstractMethod,
-    *,
-    window: int | None,
-    schedule: Literal["sliding", "blocks"] = "sliding",
-    length: int | None = None,
-    guess: Float[Array, "T d"] | None = None,
-    tolerance_scale: ArrayLike | None = None,
-) -> tuple[Float[Array, "T d"], WindowStats]:
-    """Evaluates the recurrence `s_t = step(s_{t-1}, x_t)`, `t = 1..T`, in parallel,
-    `window` steps at a time.
-
-    As [`partime.fixed_point_solve`][], but at most `W = window` steps are solved at
-    once: memory `O(W d²)` for Newton, `O(W d)` for the other methods (plus the
-    `O(T d)` trajectory), for any `T`; depth `O((T / W)·iterations·log W)`.
-
-    - `schedule="blocks"`: Gauss–Seidel across fixed blocks of `W` steps, each solved
-        by `fixed_point_solve` with `method` (any method, its own iteration cap and
-        exact fallback) from the previous block's last state.
-    - `schedule="sliding"` (ParaDiGMS): a window of `W` steps that, after every
-        iteration, moves forward past its leading steps that have converged (their
-        residuals are within tolerance, see below), and keeps
-        the rest of its iterate as the next guess; new steps enter at the far end
-        from `guess` or, by default, from the window's last value. The step at the
-        front of the window is exact after one iteration (its predecessor is final), so
-        the window always advances. The window *fails* if a step stays in it for the
-        method's `max_iters` iterations, or for `W - 1` (the window then advances by
-        its exact front step only: sequential stepping at `W` times the work),
-        without converging, or if the iterate becomes non-finite. Then, with
-        `fallback=True`, the rest of the window is computed sequentially from its
-        converged prefix and a fresh window starts after it; with `fallback=False`
-        the solve stops and reports it. Needs an undamped method defined by its
-        `linearise` (Newton, QuasiNewton, Picard, Jacobi).
-
-    **Arguments:**
-
-    - `step`, `init`, `xs`, `method`, `length`, `guess`: as for
-        [`partime.fixed_point_solve`][].
-    - `window`: `W`, the number of steps in flight; `None` (or `W >= T`) for the whole
-        sequence in one window.
-    - `schedule`: `"sliding"` (default) or `"blocks"`.
-    - `tolerance_scale`: optional positive factors, a scalar or shape `(T,)`, that
-        scale the convergence tolerance `atol + rtol·|s_t|` step by step (sliding window
-        only). See below for when this is sound.
-
-    **Returns:** `(states, stats)`: `s_1..s_T` with shape `(T, d)` and a
-    [`partime.WindowStats`][].
-
-    Differentiable (forward and reverse mode) with respect to `init`, the floating
-    leaves of `xs`, and arrays closed over by `step`, by implicit differentiation at
-    the solution, windowed as well: one parallel linear solve per block of `W` steps,
-    carrying the tangent from block to block. Reverse mode recomputes each block's
-    Jacobians rather than storing them, so it too needs only `O(W d²)` memory. The
-    result does not depend on the schedule or the window (up to the tolerance), nor do
-    its derivatives.
-
-    **Scaled tolerances.** The sliding window accepts a step when its residual
-    `s_t - step(s_{t-1}, x_t)` is within `tolerance_scale_t · (atol + rtol·|s_t|)`, in
-    every component (and its predecessors are accepted). A scale above 1 trades
-    accuracy at that
-    step for fewer iterations: the accepted `s_t` may then be off by about that much
-    from `step(s_{t-1}, x_t)`, and the error carries forward through the later steps
-    (amplified by the products of their Jacobians). "Equal to `lax.scan` to
-    tolerance", for the values and the derivatives, then holds only to the scaled
-    tolerance. It is sound where each step's own uncertainty dwarfs that error: a
-    diffusion sampler adds noise of standard deviation `σ_t` at step `t`, and an error
-    far below `σ_t` is invisible in the distribution of the samples (ParaDiGMS scales
-    the tolerance by each step's noise variance). It is not sound for a deterministic
-    recurrence whose individual trajectory matters, nor for an expanding (chaotic)
-    one, which amplifies every accepted error.
-
-    ??? cite "References"
-
-        ```bibtex
-        @inproceedings{shih2023parallel,
-            title={Parallel Sampling of Diffusion Models},
-            author={Shih, Andy and Belkhale, Suneel and Ermon, Stefano and Sadigh, Dorsa
-                    and Anari, Nima},
-            booktitle={Advances in Neural Information Processing Systems},
-            year={2023}
-        }
-
-        @inproceedings{song2021accelerating,
-            title={Accelerating Feedforward Computation via Parallel Nonlinear Equation
-                   Solving},
-            author={Song, Yang and Meng, Chenlin and Liao, Renjie and Ermon, Stefano},
-            booktitle={International Conference on Machine Learning},
-            year={2021}
-        }
-        ```
-    """
-    if not isinstance(method, AbstractMethod):
-        raise TypeError(
-            "`method` must be a partime method (e.g. `partime.Newton()`), got "
-            f"{method!r}."
-        )
-    if schedule not in _SCHEDULES:
-        raise ValueError(
-            f"`schedule` must be one of {_SCHEDULES}, got {schedule!r}: 'sliding' for "
-            "the ParaDiGMS sliding window, 'blocks' for Gauss-Seidel across blocks."
-        )
-    if window is not None and (isinstance(window, bool) or not isinstance(window, int)):
-        raise TypeError(f"`window` must be a Python int or None, got {window!r}.")
-    if window is not None and window < 1:
-        raise ValueError(f"`window` must be at least 1, got {window}.")
-    init, length, guess = check_inputs(step, init, xs, length, guess)
-    window = length if window is None else min(window, length)
-    if xs is None or not jtu.tree_leaves(xs):
-        # The sliding window slices the inputs: give it a placeholder with a time axis.
-        xs_solve = jnp.zeros((length, 0), init.dtype)
-        wrap = lambda f: lambda s, x: f(s, None)
-    else:
-        xs_solve = xs
-        wrap = lambda f: f
-    if tolerance_scale is None:
-        scale = jnp.ones(length, init.dtype)
-    else:
-        if schedule == "blocks":
-            raise ValueError(
-                "`tolerance_scale` works with `schedule='sliding'` only: the blocks "
-                "are solved by `partime.fixed_point_solve`, which takes the method's "
-                "tolerances. Use the sliding window (it wastes fewer iterations too)."
-            )
-        scale = jnp.asarray(tolerance_scale)
-        if scale.ndim > 1 or (scale.ndim == 1 and scale.shape[0] != length):
-            raise ValueError(
-                f"`tolerance_scale` must be a scalar or have shape ({length},), got "
-                f"shape {scale.shape}."
-            )
-        if not jnp.issubdtype(scale.dtype, jnp.floating):
-            scale = scale.astype(init.dtype)
-        scale = jnp.broadcast_to(scale, (length,)).astype(init.dtype)
-    closed = eqx.filter_closure_convert(
-        wrap(lambda s, x: step(s, x).astype(init.dtype)),
-        init,
-        _index(xs_solve, 0),
-    )
-    states, dynamic_stats = _solve(
-        closed,
-        init,
-        xs_solve,
-        guess,
-        scale,
-        method=method,
-        window=window,
-        schedule=schedule,
-        length=length,
-    )
-    skeleton = WindowStats(
-        num_iterations=jnp.array(0),
-        num_advances=jnp.array(0),
-        num_sequential_steps=jnp.array(0),
-        fallback_start=jnp.array(0),
-        length=length,
-        window=window,
-        schedule=schedule,
-        result=RESULTS.successful,
-    )
-    return states, eqx.combine(dynamic_stats, skeleton)

@@ -15,13 +15,12 @@ import re
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-import lineax as lx
 import pytest
 from jax.sharding import AxisType, PartitionSpec
 
 import partime
-from partime._sharded_fixed_point import sharded_fixed_point_solve
-from partime._sharding import sharded_solve, ShardedScanSolver
+from partime._sharding import sharded_solve
+from tests.helpers import max_rel_error, problems
 
 
 jax.config.update("jax_enable_x64", True)
@@ -68,7 +67,9 @@ def _step(params):
 
 
 def _sharded(mesh=MESH, **kwargs):
-    return lambda *args: sharded_fixed_point_solve(*args, mesh=mesh, **kwargs)
+    return lambda *args, **kw: partime.fixed_point_solve(
+        *args, mesh=mesh, **kwargs, **kw
+    )
 
 
 def _value_and_grad(solve, method):
@@ -77,7 +78,7 @@ def _value_and_grad(solve, method):
 
     def loss(params, init, xs):
         states, stats = solve(_step(params), init, xs, method)
-        weights = jnp.arange(states.shape[0])[:, None]
+        weights = jnp.arange(states.shape[0], dtype=states.dtype)[:, None]
         return jnp.sum(jnp.sin(states) * weights), (states, stats)
 
     return jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)
@@ -97,16 +98,12 @@ def _max_error(x, y):
 
 
 def _assert_same_stats(stats, reference):
-    """The same outcome as on one device.
-
-    Whether the fallback ran may differ: the one-device loop also stops hopeless
-    cases early, which the sharded loop does not (its docstring says so). Where the
-    one-device solve converged without fallback, the sharded one must too.
-    """
+    """The same outcome as on one device: the same loop, with every safeguard, runs
+    on both layouts, so the same iterations, fallback and result."""
     assert stats.length == reference.length
     assert bool(stats.result == reference.result)
-    if not bool(reference.fell_back):
-        assert not bool(stats.fell_back)
+    assert int(stats.num_iterations) == int(reference.num_iterations)
+    assert int(stats.fallback_start) == int(reference.fallback_start)
 
 
 # The LDS engine.
@@ -140,29 +137,6 @@ def test_lds_solve(kind):
         expected = partime.sequential_solve(transition, b, reverse=reverse)
         assert _max_error(out, expected) < 1e-12
         assert out.sharding.spec == PartitionSpec("time")
-
-
-def test_sharded_scan_solver():
-    """Through lineax, with `D_t = I` and without, and transposed."""
-    k1, k2 = jr.split(jr.PRNGKey(3))
-    transition = _transitions()["dense"]
-    diagonal = jr.normal(k1, (_T, _D, _D)) + 3 * jnp.eye(_D)
-    b = jr.normal(k2, (_T, _D))
-
-    @jax.jit
-    def solves(transition, diagonal, b):
-        out = []
-        for solver in (partime.ScanSolver(), ShardedScanSolver(MESH)):
-            for blocks in (None, diagonal):
-                operator = partime.BidiagonalOperator(transition, blocks)
-                for op in (operator, operator.transpose()):
-                    out.append(lx.linear_solve(op, b, solver).value)
-        return out[:4], out[4:]
-
-    # The operands live on the mesh, so that the compiled program spans it.
-    on_mesh = jax.sharding.NamedSharding(MESH, PartitionSpec("time"))
-    expected, out = solves(*jax.device_put((transition, diagonal, b), on_mesh))
-    assert _max_error(out, expected) < 1e-12
 
 
 # The fixed-point solve: same values, statistics and derivatives as on one device.
@@ -247,25 +221,27 @@ def test_failure_modes():
             step = _step(params)
             bad_init = init.at[0].set(jnp.nan)
             return (
-                solve(step, init, xs, no_fallback),
-                solve(step, bad_init, xs, partime.Newton(**TIGHT))[1],
+                solve(step, init, xs, no_fallback, throw=False),
+                solve(step, bad_init, xs, partime.Newton(**TIGHT), throw=False),
             )
 
         return fn
 
     expected, out = _both(solves)(params, init, xs)
-    (states, stats), bad_stats = out
-    (expected_states, expected_stats), expected_bad_stats = expected
-    assert bool(stats.result == partime.RESULTS.max_iters_reached)
+    (states, stats), (bad_states, bad_stats) = out
+    (expected_states, expected_stats), (expected_bad, expected_bad_stats) = expected
+    assert bool(stats.result == partime.RESULTS.nonlinear_max_steps_reached)
     _assert_same_stats(stats, expected_stats)
     assert _max_error(states, expected_states) < 1e-10
+    # A NaN in `init`: every step sequentially, the finite components exact.
     assert bool(bad_stats.result == partime.RESULTS.nonfinite_input)
     _assert_same_stats(bad_stats, expected_bad_stats)
+    assert bool(jnp.array_equal(bad_states, expected_bad, equal_nan=True))
 
 
 def test_vmap():
     params, init, xs = _problem()
-    inits = init + 0.1 * jnp.arange(2)[:, None]
+    inits = init[None] + 0.1 * jnp.arange(2, dtype=init.dtype)[:, None]
     method = partime.Newton(**TIGHT)
     batched = lambda solve: jax.vmap(lambda i: solve(_step(params), i, xs, method)[0])
     expected, out = _both(batched)(inits)
@@ -285,23 +261,23 @@ def test_meshes():
     explicit = jax.make_mesh((NUM_DEVICES,), ("time",))
     assert explicit.axis_types == (AxisType.Explicit,)
     with pytest.raises(ValueError, match="AxisType.Auto"):
-        sharded_fixed_point_solve(_step(params), init, xs, method, mesh=explicit)
+        partime.fixed_point_solve(_step(params), init, xs, method, mesh=explicit)
     with jax.set_mesh(explicit), pytest.raises(ValueError, match="AxisType.Auto"):
-        sharded_fixed_point_solve(_step(params), init, xs, method, mesh=MESH)
+        partime.fixed_point_solve(_step(params), init, xs, method, mesh=MESH)
 
 
 def test_errors():
     params, init, xs = _problem()
     step, method = _step(params), partime.Newton()
     with pytest.raises(ValueError, match="not a multiple"):
-        sharded_fixed_point_solve(step, init, xs[:60], method, mesh=MESH)
+        partime.fixed_point_solve(step, init, xs[:60], method, mesh=MESH)
     grid = jax.make_mesh((2, 4), ("batch", "time"), axis_types=(AxisType.Auto,) * 2)
     with pytest.raises(ValueError, match="axis_name"):
-        sharded_fixed_point_solve(step, init, xs, method, mesh=grid)
+        partime.fixed_point_solve(step, init, xs, method, mesh=grid)
     with pytest.raises(ValueError, match="not an axis"):
-        sharded_fixed_point_solve(step, init, xs, method, mesh=grid, axis_name="x")
+        partime.fixed_point_solve(step, init, xs, method, mesh=grid, axis_name="x")
     with pytest.raises(TypeError, match="Mesh"):
-        sharded_fixed_point_solve(step, init, xs, method, mesh=jax.devices())
+        partime.fixed_point_solve(step, init, xs, method, mesh=jax.devices())
 
 
 # What the collectives move.
@@ -413,3 +389,56 @@ def test_parallel_solver():
     solver = partime.ParallelSolver(inner, num_steps=64, method=method, mesh=MESH)
     out = loss(solver)(mlp)
     assert _max_error(eqx.filter(out, eqx.is_array), expected) < 1e-10
+
+
+# The problem registry of `tests/helpers.py` on the sharded layout: the same loop as
+# on one device, so the same answer, iterations, fallback and result.
+
+_REGISTRY_CASES = [(p, partime.Newton()) for p in problems] + [
+    (p, m)
+    for p in ("rnn", "rnn-unstable")
+    for m in (partime.QuasiNewton(), partime.Picard(), partime.Jacobi())
+]
+
+
+@pytest.mark.parametrize(
+    "problem, method",
+    _REGISTRY_CASES,
+    ids=[f"{p}-{type(m).__name__}" for p, m in _REGISTRY_CASES],
+)
+def test_registry(problem, method):
+    f, init, xs = problems[problem]
+    capped = type(method)(max_iters=3, fallback=False)
+
+    @jax.jit
+    def solve(init, xs):
+        def both(method, **kw):
+            whole = partime.scan(f, init, xs, method=method, return_stats=True, **kw)
+            sharded = partime.scan(
+                f, init, xs, method=method, return_stats=True, mesh=MESH, **kw
+            )
+            return whole, sharded
+
+        return (
+            jax.lax.scan(f, init, xs),
+            both(method),
+            both(capped, throw=False),
+        )
+
+    expected, (whole, sharded), (capped_whole, capped_sharded) = solve(init, xs)
+    *out, stats = sharded
+    assert all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(out))
+    assert bool(stats.result == partime.RESULTS.successful)
+    assert max_rel_error(out, expected) < 1e-8
+    _assert_same_stats(stats, whole[-1])
+    *out, stats = capped_sharded
+    assert all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(out))
+    _assert_same_stats(stats, capped_whole[-1])
+    assert _max_error(out, capped_whole[:-1]) < 1e-8
+
+
+def test_damped_on_a_mesh_is_refused():
+    f, init, xs = problems["rnn"]
+    for method in (partime.ELK(), partime.QuasiELK()):
+        with pytest.raises(ValueError, match="damped"):
+            partime.scan(f, init, xs, method=method, mesh=MESH)

@@ -2,14 +2,30 @@
 
 import abc
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar, TYPE_CHECKING
 
 import equinox as eqx
 import jax.numpy as jnp
 from equinox import AbstractVar
-from jaxtyping import Array, Float, PyTree
+from jaxtyping import Array, Bool, Float, Int, PyTree
 
 from .._lds import AbstractTransition
+
+
+if TYPE_CHECKING:
+    from .._layout import AbstractLayout
+
+
+# Safeguard constants. They are fixed rather than options: the convergence study
+# (`benchmarks/convergence.py`) chose them. Trust region in time (undamped
+# methods): shrink 4x past this growth of the merit over the trusted steps, double
+# below this fall, reject past this growth.
+_SHRINK = 1e4
+_GROW = 0.5
+_DIVERGED = 1e8
+# Levenberg–Marquardt (damped methods): accept when the achieved decrease of the
+# merit is at least this fraction of the predicted one.
+_ACCEPT = 1e-4
 
 
 Step = Callable[[Float[Array, " d"], PyTree[Any]], Float[Array, " d"]]
@@ -46,6 +62,12 @@ class AbstractMethod(eqx.Module):
     - `fallback`: if the iteration does not converge, compute the steps after the
         converged prefix sequentially, so that the answer is still exact (`True`,
         default); or report failure (`False`).
+
+    A method also owns its *policy*: how an update is proposed from the linearisation
+    (`propose`), over how many steps past the converged prefix it is trusted (`cut`),
+    and whether it is accepted (`judge`). The undamped policy here is a trust region
+    in time; [`partime.AbstractDampedMethod`][] replaces it by Levenberg–Marquardt
+    damping. The one driver loop calls these and knows neither.
 
     **Safeguards** (every method; see [`partime.fixed_point_solve`][]): non-finite
     values in an update are cut off and replaced by a constant continuation of the
@@ -96,6 +118,73 @@ class AbstractMethod(eqx.Module):
         cap = self.default_max_iters if self.max_iters is None else self.max_iters
         return min(cap, length)
 
+    # Undamped updates rejected this many times in a row (a fortieth of the cap, at
+    # least 2) mean the iteration is hopeless; damped methods reject routinely while
+    # their trust region adapts.
+    rejections_are_hopeless: ClassVar[bool] = True
+
+    def init_policy(self, length: int, dtype: Any) -> PyTree:
+        """The policy's state before the first iteration: the trust horizon, `T`."""
+        del dtype
+        return jnp.asarray(length, jnp.int32)
+
+    def propose(
+        self,
+        layout: "AbstractLayout",
+        transition: AbstractTransition,
+        residual: Float[Array, "T d"],
+        policy: PyTree,
+    ) -> Float[Array, "T d"]:
+        """The update `Δ` (delta form, `L Δ = -r`: no cancellation between iterates)."""
+        del policy
+        return layout.solve(transition, -residual)
+
+    def cut(
+        self, layout: "AbstractLayout", prefix: Int[Array, ""], policy: PyTree
+    ) -> Int[Array, ""]:
+        """How far the update is trusted: steps from this index on are replaced by a
+        constant continuation. An undamped update is exact on the step after the
+        converged prefix and degrades with distance from it, so: `horizon` steps."""
+        del layout
+        return prefix + policy
+
+    def judge(
+        self,
+        layout: "AbstractLayout",
+        policy: PyTree,
+        *,
+        cut: Int[Array, ""],
+        prefix: Int[Array, ""],
+        transition: AbstractTransition,
+        delta: Float[Array, "T d"],
+        old_residual: Float[Array, "T d"],
+        old_merit: Float[Array, ""],
+        residual: Float[Array, "T d"],
+        merit: Float[Array, ""],
+    ) -> tuple[Bool[Array, ""], PyTree]:
+        """Whether to accept the candidate, and the policy's next state.
+
+        The trust region in time: the horizon shrinks to a quarter of what was used
+        when the merit over the trusted steps grew more than `_SHRINK`-fold, and
+        doubles when it fell at least `1 / _GROW`-fold. An update that makes it grow
+        more than `_DIVERGED`-fold (or non-finite) is rejected and retried over the
+        shorter horizon.
+        """
+        del policy, transition, delta, old_merit, merit
+        window = layout.index < cut
+        before = layout.merit(old_residual, window)
+        after = layout.merit(residual, window)
+        accept = ~(after > _DIVERGED * before) & jnp.isfinite(after)
+        used = jnp.maximum(cut - prefix, 1)
+        horizon = jnp.where(
+            ~accept | (after > _SHRINK * before),
+            jnp.maximum(used // 4, 1),
+            jnp.where(
+                after <= _GROW * before, jnp.minimum(2 * used, layout.length), used
+            ),
+        )
+        return accept, horizon.astype(jnp.int32)
+
     def __check_init__(self):
         if self.max_iters is not None and self.max_iters < 0:
             raise ValueError(f"`max_iters` must be >= 0, got {self.max_iters}.")
@@ -120,6 +209,51 @@ class AbstractDampedMethod(AbstractMethod):
     """
 
     damping: AbstractVar[float]
+
+    rejections_are_hopeless: ClassVar[bool] = False
+
+    def init_policy(self, length, dtype):
+        """`(λ, growth factor)`."""
+        return jnp.asarray(self.damping, dtype), jnp.asarray(2.0, dtype)
+
+    def propose(self, layout, transition, residual, policy):
+        damping, _ = policy
+        return layout.damped_solve(transition, residual, damping)
+
+    def cut(self, layout, prefix, policy):
+        del prefix, policy
+        return jnp.asarray(layout.length, jnp.int32)
+
+    def judge(
+        self,
+        layout,
+        policy,
+        *,
+        cut,
+        prefix,
+        transition,
+        delta,
+        old_residual,
+        old_merit,
+        residual,
+        merit,
+    ):
+        """Nielsen's update of `λ` from the gain ratio: achieved over predicted
+        decrease of the merit, the prediction being the Gauss–Newton model
+        `½‖r + L Δ‖²` (positive for a Levenberg–Marquardt step). Accepted when the
+        ratio is at least `_ACCEPT` and the whole update is finite."""
+        del prefix
+        damping, growth = policy
+        eps = float(jnp.finfo(residual.dtype).eps)
+        model = old_residual + layout.apply_operator(transition, delta)
+        predicted = old_merit - layout.merit(model)
+        ratio = (old_merit - merit) / predicted
+        accept = (cut == layout.length) & jnp.isfinite(merit) & (ratio > _ACCEPT)
+        shrink = jnp.maximum(1 / 3, 1 - (2 * ratio - 1) ** 3)
+        damping = jnp.where(accept, damping * shrink, damping * growth)
+        damping = jnp.clip(damping, eps, 1 / eps)
+        growth = jnp.where(accept, jnp.asarray(2.0, growth.dtype), 2 * growth)
+        return accept, (damping, growth)
 
     def __check_init__(self):
         if not self.damping > 0:

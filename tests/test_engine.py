@@ -1,0 +1,162 @@
+"""The one engine on every layout of time (whole sequence, blocks, sliding window) and
+with every method, on the problem registry of `tests/helpers.py`: finite, exact against
+`jax.lax.scan`, never a wrong success, the same result code in every layout. (The
+sharded layout: `tests/_sharding_checks.py`.)"""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import partime
+
+from .helpers import every_method, layouts, max_rel_error, problems
+
+
+# Every problem with Newton and ELK; every method on the two RNNs (the other
+# combinations add compiles, not coverage of the engine).
+CASES = [(p, m) for p in problems for m in (partime.Newton(), partime.ELK())] + [
+    (p, m)
+    for p in ("rnn", "rnn-unstable")
+    for m in every_method
+    if not isinstance(m, (partime.Newton, partime.ELK))
+]
+
+
+def _usable(method, layout):
+    # A damped method on the sliding window is refused at trace time (below).
+    damped = isinstance(method, partime.AbstractDampedMethod)
+    return not (damped and layout == "sliding")
+
+
+def _is_finite(tree):
+    return all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize(
+    "problem, method", CASES, ids=[f"{p}-{type(m).__name__}" for p, m in CASES]
+)
+def test_every_layout(problem, method):
+    f, init, xs = problems[problem]
+    names = [name for name in layouts if _usable(method, name)]
+    strict = type(method)(max_iters=3, fallback=False)
+
+    @jax.jit
+    def solve(init, xs):
+        exact = {
+            name: partime.scan(
+                f, init, xs, method=method, return_stats=True, **layouts[name]
+            )
+            for name in names
+        }
+        capped = {
+            name: partime.scan(
+                f,
+                init,
+                xs,
+                method=strict,
+                return_stats=True,
+                throw=False,
+                **layouts[name],
+            )
+            for name in names
+        }
+        return jax.lax.scan(f, init, xs), exact, capped
+
+    expected, exact, capped = solve(init, xs)
+    for name in names:
+        *out, stats = exact[name]
+        assert _is_finite(out), name
+        assert stats.result == partime.RESULTS.successful, name
+        assert max_rel_error(out, expected) < 1e-8, name
+        # Without the fallback: a success is exact, and the iterate stays finite.
+        *out, stats = capped[name]
+        assert _is_finite(out), name
+        if stats.result == partime.RESULTS.successful:
+            assert max_rel_error(out, expected) < 1e-6, name
+
+
+@pytest.mark.parametrize("layout", list(layouts))
+def test_nonfinite_init_in_every_layout(layout):
+    """A NaN in one leaf of the carry: the other leaves exactly as `lax.scan` has
+    them, `RESULTS.nonfinite_input` in every layout, an error with `throw=True`."""
+    f, init, xs = problems["pytree"]
+    bad = dict(init, a=init["a"].at[0].set(jnp.nan))
+    *out, stats = partime.scan(
+        f, bad, xs, return_stats=True, throw=False, **layouts[layout]
+    )
+    expected = jax.lax.scan(f, bad, xs)
+    assert stats.result == partime.RESULTS.nonfinite_input
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(expected)):
+        assert bool(jnp.array_equal(jnp.isnan(a), jnp.isnan(b)))
+        assert bool(jnp.allclose(a, b, rtol=1e-10, atol=1e-12, equal_nan=True))
+    # The component that the NaN never reaches is finite (and exact, above).
+    assert _is_finite(out[0]["bc"][1])
+    with pytest.raises(Exception, match="initial state"):
+        partime.scan(f, bad, xs, **layouts[layout])
+
+
+def test_gradient_through_overflow_is_nonfinite_not_an_error():
+    """A solve that overflows (exactly, as `lax.scan`): its gradient is non-finite,
+    as `lax.scan`'s, rather than a crash in the derivative's linear solve."""
+
+    def f(h, x):
+        h = h * x
+        return h, h
+
+    xs = jnp.full((12, 1), 1e60)
+
+    def loss(scan, init):
+        final, _ = scan(f, init, xs)
+        return jnp.sum(final)
+
+    init = jnp.ones(1)
+    expected = jax.grad(lambda i: loss(jax.lax.scan, i))(init)
+    assert not _is_finite(expected)
+    for kwargs in layouts.values():
+        scan = lambda *a, kw=kwargs: partime.scan(*a, throw=False, **kw)
+        grad = jax.grad(lambda i, scan=scan: loss(scan, i))(init)
+        assert not _is_finite(grad)
+
+
+def test_damped_on_sliding_window_is_refused():
+    f, init, xs = problems["rnn"]
+    for method in (partime.ELK(), partime.QuasiELK()):
+        with pytest.raises(ValueError, match="schedule='blocks'"):
+            partime.scan(f, init, xs, method=method, window=8)
+
+
+def test_stats_print_values():
+    f, init, xs = problems["rnn"]
+    *_, stats = partime.scan(f, init, xs, return_stats=True)
+    text = repr(stats)
+    assert "weak" not in text and "i32[" not in text
+    assert f"num_iterations={int(stats.num_iterations)}" in text
+    assert "result=RESULTS.successful" in text
+    assert stats.num_iterations.dtype == jnp.int32
+
+
+@pytest.mark.parametrize("layout", list(layouts))
+def test_overflowing_iterates_without_fallback_stay_finite(layout):
+    """Newton's iterates overflow on this recurrence (its sequential answer does
+    not): without the fallback, every layout cuts them and stays finite, and a
+    success is exact."""
+
+    def f(s, _):
+        new = jnp.exp(s) - 1.5
+        return new, new
+
+    init = jnp.array([0.1])
+    method = partime.Newton(max_iters=4, fallback=False)
+    *out, stats = partime.scan(
+        f,
+        init,
+        None,
+        length=48,
+        method=method,
+        return_stats=True,
+        throw=False,
+        **layouts[layout],
+    )
+    assert _is_finite(out)
+    if stats.result == partime.RESULTS.successful:
+        assert max_rel_error(out, jax.lax.scan(f, init, length=48)) < 1e-8
