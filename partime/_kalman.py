@@ -151,7 +151,8 @@ def _dense_smoother(
         a2, c2, j2, b2, eta2 = unpack(later)
         # One LU of M^{-1} = I + C_1 J_2 per combine; (I + J_2 C_1)^{-1} = M^T.
         rhs = jnp.concatenate([a1, c1, (b1 + _mv(c1, eta2))[..., None]], axis=-1)
-        solved = _solve(eye + _mm(c1, j2), rhs)
+        c1_j2 = _mm(c1, j2)
+        solved = _solve(jnp.broadcast_to(eye, c1_j2.shape) + c1_j2, rhs)
         m_a1, m_c1, m_v = solved[..., :size], solved[..., size:-1], solved[..., -1]
         a12 = _mm(a2, m_a1)
         b12 = _mv(a2, m_v) + b2
@@ -170,7 +171,7 @@ def _dense_smoother(
     a_next = _shift_back(a)
     u_next = _shift_back(u)
     fp = _mm(a_next, covs)
-    predicted_cov = _sym(_mm(fp, _t(a_next))) + eye
+    predicted_cov = _sym(_mm(fp, _t(a_next))) + eye[None]
     # E_t^T = (F P F^T + I)^{-1} F P, the matrix being symmetric.
     gains = _t(_solve(predicted_cov, fp))
     last = (jnp.arange(length) == length - 1)[:, None]
