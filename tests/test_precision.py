@@ -109,7 +109,12 @@ def test_linear_solve(blocks):
 
 
 @pytest.mark.parametrize(
-    "inner", [diffrax.Tsit5(), diffrax.Kvaerno3()], ids=["Tsit5", "Kvaerno3"]
+    "inner",
+    [
+        diffrax.Tsit5(),
+        diffrax.Kvaerno3(root_finder=diffrax.VeryChord(rtol=1e-8, atol=1e-8)),
+    ],
+    ids=["Tsit5", "Kvaerno3"],
 )
 def test_parallel_solver(inner):
     """Explicit and implicit inner solvers (the implicit one has diagonal blocks
