@@ -13,6 +13,7 @@ Usage, from the repository root:
     python benchmarks/memory.py                     # d=64, T=4096, float32
     python benchmarks/memory.py --quick             # d=16, T=256
     python benchmarks/memory.py --label after       # name this run in the JSON
+    python benchmarks/memory.py --time              # and time the gradient
 
 Results are merged into `benchmarks/results/memory-<platform>.json` under `--label`
 (and a `.md` table beside it); `--quick` writes only with `--out`.
@@ -23,11 +24,19 @@ import functools
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-from _common import environment, markdown_table, text_table, write_json
+from _common import (
+    environment,
+    markdown_table,
+    run_once,
+    text_table,
+    time_calls,
+    write_json,
+)
 from scan import gru, gru_params
 
 import partime
@@ -43,12 +52,13 @@ METHODS = {
 }
 
 
-def temp_bytes(fn, *args) -> tuple[int, int]:
-    """`(temporary, argument + output)` bytes of `jax.jit(fn)` compiled for `args`."""
-    stats = jax.jit(fn).lower(*args).compile().memory_analysis()
-    return stats.temp_size_in_bytes, (
-        stats.argument_size_in_bytes + stats.output_size_in_bytes
-    )
+def compile_stats(fn, *args) -> tuple[Any, int, int]:
+    """`jax.jit(fn)` compiled for `args`, its temporary and its argument + output
+    bytes."""
+    compiled = jax.jit(fn).lower(*args).compile()
+    stats = compiled.memory_analysis()
+    io = stats.argument_size_in_bytes + stats.output_size_in_bytes
+    return compiled, stats.temp_size_in_bytes, io
 
 
 def lax_scan(step, h, xs):
@@ -59,16 +69,20 @@ def partime_scan(method, step, h, xs):
     return partime.scan(step, h, xs, method=method)
 
 
-def measure(scan_fn, params, xs, h0) -> dict[str, int]:
+def measure(scan_fn, params, xs, h0, time: bool) -> dict[str, Any]:
     def forward(params, xs, h0):
         return scan_fn(lambda h, x: gru(params, h, x), h0, xs)
 
     def loss(params, xs, h0):
         return jnp.sum(forward(params, xs, h0)[1])
 
-    forward_temp, _ = temp_bytes(forward, params, xs, h0)
-    grad_temp, io = temp_bytes(jax.grad(loss), params, xs, h0)
-    return {"forward_temp": forward_temp, "grad_temp": grad_temp, "grad_io": io}
+    _, forward_temp, _ = compile_stats(forward, params, xs, h0)
+    compiled, grad_temp, io = compile_stats(jax.grad(loss), params, xs, h0)
+    row = {"forward_temp": forward_temp, "grad_temp": grad_temp, "grad_io": io}
+    if time:
+        _, first = run_once(compiled, params, xs, h0)
+        row["grad_s"] = time_calls(compiled, (params, xs, h0), 3, 60.0, first)
+    return row
 
 
 def mib(nbytes: int) -> str:
@@ -83,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", choices=list(METHODS))
     parser.add_argument("--label", default="current")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--time", action="store_true", help="also time the gradient (median of 3)"
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     if args.dtype == "float64":
@@ -95,12 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     xs = jr.normal(k_xs, (args.T, args.d), dtype)
     h0 = 0.1 * jr.normal(k_h, (args.d,), dtype)
 
-    reference = measure(lax_scan, params, xs, h0)
+    reference = measure(lax_scan, params, xs, h0, args.time)
     jacobians = args.T * args.d**2 * dtype.itemsize
     rows = [{"method": "lax.scan", **reference}]
     for name in args.methods or list(METHODS):
         scan_fn = functools.partial(partime_scan, METHODS[name]())
-        rows.append({"method": name, **measure(scan_fn, params, xs, h0)})
+        rows.append({"method": name, **measure(scan_fn, params, xs, h0, args.time)})
         print(f"  measured {name}", file=sys.stderr, flush=True)
     for row in rows:
         row["grad_ratio"] = row["grad_temp"] / reference["grad_temp"]
@@ -112,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         "gradient temp MiB",
         "gradient / lax.scan's",
         "gradient / T·d² stack",
-    ]
+    ] + (["gradient ms"] if args.time else [])
     table = [
         [
             row["method"],
@@ -121,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['grad_ratio']:.1f}x",
             f"{row['grad_over_jacobians']:.2f}",
         ]
+        + ([f"{1e3 * row['grad_s']['median_s']:.0f}"] if args.time else [])
         for row in rows
     ]
     title = (

@@ -1,4 +1,4 @@
-"""The derivative's linear solve without Jacobians: `O(T d)` memory for every method.
+"""The derivative's linear solve without Jacobians: `O(T d)` memory, as the forward.
 
 The implicit derivative of a fixed-point solve is the solution of `L ṡ = b` (reverse
 mode: `Lᵀ λ = g`), `L` the block lower-bidiagonal Newton operator
@@ -29,10 +29,10 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import lineax as lx
-from jaxtyping import Array, Float, PyTree
+from jaxtyping import Array, Float, Int, PyTree
 
 from ._lds import AbstractTransition, DenseTransition
-from ._method.base import AbstractMethod
+from ._method.base import AbstractMethod, default_tolerance
 from ._operator import _shift_back, _shift_forward, BidiagonalOperator, ScanSolver
 
 
@@ -84,28 +84,30 @@ class StepOperator(lx.AbstractLinearOperator):
             return vector - _shift_back(self.vjp(vector))
         return vector - self.jvp(_shift_forward(vector))
 
-    def sequential_solve(self, b: Float[Array, "T d"]) -> Float[Array, "T d"]:
-        """`L⁻¹ b` (or `L⁻ᵀ b`) exactly, one time step after another."""
-        step = self.step
+    def sequential_solve(
+        self, b: Float[Array, "T d"], x: Float[Array, "T d"], trips: Int[Array, ""]
+    ) -> Float[Array, "T d"]:
+        """`L⁻¹ b` (or `L⁻ᵀ b`) exactly, one time step after another, if `trips` is
+        `T`; `x` unchanged if it is 0. A `while_loop`, not a `cond`: under `vmap` a
+        batch that converged everywhere makes no trips (a `cond` would run both)."""
+        step, length = self.step, b.shape[0]
 
-        if self.transposed:
-            # y_t = b_t + A_{t+1}ᵀ y_{t+1}: carry `A_{t+1}ᵀ y_{t+1}` backwards.
-            def backward(carry, inputs):
-                p, x, b_t = inputs
-                y = b_t + carry
-                return jax.vjp(lambda s: step(s, x), p)[1](y)[0], y
+        def body(carry):
+            i, c, out = carry
+            t = length - 1 - i if self.transposed else i
+            p, x_t = self.prev[t], jtu.tree_map(lambda a: a[t], self.xs)
+            if self.transposed:
+                # y_t = b_t + A_{t+1}ᵀ y_{t+1}: carry `A_{t+1}ᵀ y_{t+1}` backwards.
+                y = b[t] + c
+                c = jax.vjp(lambda s: step(s, x_t), p)[1](y)[0]
+            else:
+                y = jax.jvp(lambda s: step(s, x_t), (p,), (c,))[1] + b[t]
+                c = y
+            return i + 1, c, out.at[t].set(y)
 
-            zero = jnp.zeros_like(b[0])
-            _, y = jax.lax.scan(backward, zero, (self.prev, self.xs, b), reverse=True)
-            return y
-
-        def forward(carry, inputs):
-            p, x, b_t = inputs
-            y = jax.jvp(lambda s: step(s, x), (p,), (carry,))[1] + b_t
-            return y, y
-
-        _, y = jax.lax.scan(forward, jnp.zeros_like(b[0]), (self.prev, self.xs, b))
-        return y
+        init = (jnp.asarray(0, jnp.int32), jnp.zeros_like(b[0]), x)
+        _, _, out = jax.lax.while_loop(lambda c: c[0] < trips, body, init)
+        return out
 
     def as_matrix(self):
         size = self.in_size()
@@ -154,7 +156,9 @@ class PreconditionedScanSolver(lx.AbstractLinearSolver):
         transition: AbstractTransition,
         b: Float[Array, "T d"],
     ) -> Float[Array, "T d"]:
-        rtol, _ = self.method.tolerances(b.dtype)
+        # Tangents have no absolute scale: `rtol` only (the dtype's default if the
+        # method's is 0, which only an exact solve would meet).
+        rtol = self.method.tolerances(b.dtype)[0] or default_tolerance(b.dtype)
         cap = self.method.iteration_cap(b.shape[0])
         precondition = lambda r: transition.solve(r, reverse=operator.transposed)
         b_norm = jnp.max(jnp.abs(b))
@@ -178,9 +182,8 @@ class PreconditionedScanSolver(lx.AbstractLinearSolver):
         x = precondition(b)
         init = (jnp.asarray(1, jnp.int32), x, b - operator.mv(x))
         _, x, r = jax.lax.while_loop(keep_going, body, init)
-        return jax.lax.cond(
-            converged(x, r), lambda: x, lambda: operator.sequential_solve(b)
-        )
+        trips = jnp.where(converged(x, r), 0, b.shape[0]).astype(jnp.int32)
+        return operator.sequential_solve(b, x, trips)
 
     def transpose(self, state, options):
         operator, transition = state

@@ -137,3 +137,15 @@ def test_gradient_memory(method):
     temp = _gradient_temp_bytes(_partime(method), size, length)
     assert temp < 0.5 * stack
     assert _gradient_temp_bytes(_partime(partime.Newton()), size, length) > stack
+
+
+def test_vmap():
+    """A batch of gradients, some of whose linear solves converge and some of which
+    finish sequentially (Jacobi capped at 3 iterations on the longer inputs)."""
+    params, init, xs = _problem(jnp.float64, length=50, seed=6)
+    batch = jnp.stack([0.1 * xs, xs, 3 * xs])
+    grad = lambda fn: jax.vmap(
+        lambda x: jax.grad(_loss, argnums=(1, 2))(fn, params, init, x)
+    )(batch)
+    for method in (partime.QuasiNewton(), partime.Jacobi(max_iters=3)):
+        assert max_rel_error(grad(_partime(method)), grad(jax.lax.scan)) < 1e-8
