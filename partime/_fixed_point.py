@@ -6,7 +6,9 @@ layout of time (`partime._layout`): the whole sequence, windows moving through i
 a time axis split over a mesh. Derivatives never unroll the iterations: at the
 solution, the implicit function theorem gives `L ṡ = ∂f/∂(s_0, x, θ) · (ṡ_0, ẋ, θ̇)`
 with the Newton operator `L` (block lower-bidiagonal, `A_t = ∂f/∂s_{t-1}`), solved by
-the layout's parallel scan. Reverse mode is JAX's transpose of that rule.
+the layout's parallel scan; on the whole sequence, by the method's own iteration
+(`partime._matrix_free`: matrix-free for the methods without dense Jacobians). Reverse
+mode is JAX's transpose of that rule.
 """
 
 from collections.abc import Callable
@@ -20,7 +22,8 @@ import numpy as np
 from jax.sharding import Mesh
 from jaxtyping import Array, ArrayLike, Float, Int, PyTree
 
-from ._layout import AbstractLayout, shift, WholeSequence
+from ._layout import AbstractLayout, shift, WholeSequence, zeros_for_none
+from ._matrix_free import implicit_tangent_solve
 from ._method.base import AbstractMethod
 from ._sharded_fixed_point import previous_states, Sharded
 from ._stats import count, raise_if_failed, RESULTS, Stats
@@ -135,6 +138,25 @@ def previous(
     return previous_states(init, states, mesh=mesh, axis_name=axis_name)
 
 
+def _whole_sequence_tangent_solve(step, init, xs, states, tangents, method):
+    """The implicit derivative on one device: the right-hand side is how `f_t` moves
+    with `(s_0, x_t, θ)` at the solution, the previous states held fixed (their
+    motion is what `L` accounts for); then the method's own solve of `L ṡ = rhs`
+    (`partime._matrix_free`: matrix-free, `O(T d)`, unless the method's transition
+    is dense)."""
+    primals = (step, init, xs)
+    tangents = jtu.tree_map(
+        zeros_for_none, primals, tangents, is_leaf=lambda x: x is None
+    )
+    prev = shift(init, states)
+    _, rhs = eqx.filter_jvp(
+        lambda step, init, xs: jax.vmap(step)(shift(init, states), xs),
+        primals,
+        tangents,
+    )
+    return implicit_tangent_solve(step, prev, xs, rhs, method)
+
+
 @eqx.filter_custom_jvp
 def _solve(step, init, xs, guess, scale, *, method, layout):
     guess = jax.lax.stop_gradient(guess)
@@ -152,7 +174,12 @@ def _solve_jvp(primals, tangents, *, method, layout):
     step, init, xs, guess, scale = primals
     t_step, t_init, t_xs, _, _ = tangents
     states, stats = _solve(step, init, xs, guess, scale, method=method, layout=layout)
-    t_states = layout.tangent_solve(step, init, xs, states, (t_step, t_init, t_xs))
+    if isinstance(layout, WholeSequence):
+        t_states = _whole_sequence_tangent_solve(
+            step, init, xs, states, (t_step, t_init, t_xs), method
+        )
+    else:
+        t_states = layout.tangent_solve(step, init, xs, states, (t_step, t_init, t_xs))
     t_stats = jtu.tree_map(lambda _: None, stats)
     return (states, stats), (t_states, t_stats)
 
@@ -199,6 +226,10 @@ def fixed_point_solve(
 
     Differentiable (forward and reverse mode) with respect to `init`, the floating
     leaves of `xs`, and arrays closed over by `step`, by implicit differentiation.
+    On the whole sequence the derivative's linear system is solved like the forward
+    problem: with dense Jacobians by Newton and ELK, matrix-free (`O(T d)` memory:
+    Jacobian-vector or vector-Jacobian products of `step`, the method's transition as
+    preconditioner, exact sequential pass if it does not converge) by the others.
 
     **Safeguards.** Every iteration is checked, for every method:
 
@@ -257,7 +288,8 @@ def fixed_point_solve(
         recurrence whose trajectory matters.
 
     Derivatives are windowed too: one parallel linear solve per block of `W` steps,
-    its Jacobians recomputed in reverse mode rather than stored.
+    with dense Jacobians for every method (`O(W d²)`), recomputed in reverse mode
+    rather than stored.
 
     **Meshes.** With `mesh=`, device `p` of `P` holds steps `pT/P + 1 .. (p+1)T/P`
     (`T` must be a multiple of `P`; the mesh's axes `jax.sharding.AxisType.Auto`).
