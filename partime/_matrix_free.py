@@ -33,7 +33,7 @@ from jaxtyping import Array, Float, Int, PyTree
 
 from ._lds import AbstractTransition, DenseTransition
 from ._method.base import AbstractMethod, default_tolerance
-from ._operator import _shift_back, _shift_forward, BidiagonalOperator, ScanSolver
+from ._operator import _shift_back, _shift_forward, BidiagonalOperator
 
 
 # An iteration whose residual grows this much beyond the right-hand side's is not
@@ -148,9 +148,9 @@ class PreconditionedScanSolver(lx.AbstractLinearSolver):
     def compute(self, state, vector, options):
         del options
         operator, transition = state
-        return self._solve(operator, transition, vector), lx.RESULTS.successful, {}
+        return self.solve(operator, transition, vector), lx.RESULTS.successful, {}
 
-    def _solve(
+    def solve(
         self,
         operator: StepOperator,
         transition: AbstractTransition,
@@ -245,13 +245,25 @@ def implicit_tangent_solve(
 
     Neither the operator nor (for the dense path) the Jacobians are stopped:
     differentiating the rule again (second derivatives) sees how they move; only
-    the preconditioner is. `throw=False`, as for the dense solve.
+    the preconditioner is. The solve is `jax.lax.custom_linear_solve`, not
+    `lineax.linear_solve`: lineax's transpose rule checks its solution on the host
+    and raises when it is not finite, so the gradient of a solve that overflowed
+    would be an error instead of non-finite, as diffrax's is.
     """
     _, transition = method.linearise(step, prev, xs)
     if isinstance(transition, DenseTransition):
         operator = BidiagonalOperator(transition)
-        return lx.linear_solve(operator, rhs, ScanSolver(), throw=False).value
-    operator = StepOperator(step, prev, xs)
-    state = (operator, jtu.tree_map(jax.lax.stop_gradient, transition))
-    solver = PreconditionedScanSolver(method)
-    return lx.linear_solve(operator, rhs, solver, state=state, throw=False).value
+        solve = lambda b: operator.solve(b)
+        transpose_solve = lambda b: operator.transpose().solve(b)
+    else:
+        operator = StepOperator(step, prev, xs)
+        solver = PreconditionedScanSolver(method)
+        transition = jtu.tree_map(jax.lax.stop_gradient, transition)
+        solve = lambda b: solver.solve(operator, transition, b)
+        transpose_solve = lambda b: solver.solve(operator.transpose(), transition, b)
+    return jax.lax.custom_linear_solve(
+        operator.mv,
+        rhs,
+        solve=lambda _, b: solve(b),
+        transpose_solve=lambda _, b: transpose_solve(b),
+    )
