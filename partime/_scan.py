@@ -6,14 +6,15 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh
 from jaxtyping import ArrayLike, PyTree
 
 from ._fixed_point import fixed_point_solve, previous
+from ._flatten import Flattener
 from ._method.base import AbstractMethod
 from ._method.newton import Newton
-from ._stats import Stats
+from ._misc import as_count
+from ._stats import count, RESULTS, Stats
 from ._windowed import map_in_windows
 
 
@@ -27,6 +28,7 @@ def scan(
     xs: PyTree = None,
     length: int | None = None,
     reverse: bool = False,
+    unroll: int | bool = 1,
     *,
     method: AbstractMethod = Newton(),
     guess: PyTree = None,
@@ -48,7 +50,10 @@ def scan(
     **Arguments:**
 
     - `f`, `init`, `xs`, `length`, `reverse`: as for `jax.lax.scan`. The carry may be
-        any PyTree of floating-point arrays.
+        any PyTree of floating-point or complex arrays, of any precision (the
+        iterations run in at least `float32`; `f` sees the carry in its own dtype).
+    - `unroll`: accepted for compatibility with `jax.lax.scan`, where it unrolls the
+        sequential loop; the parallel solve has no such loop, so it has no effect.
     - `method`: the fixed-point method: [`partime.Newton`][] (default),
         [`partime.QuasiNewton`][], [`partime.Picard`][], [`partime.Jacobi`][].
     - `guess`: a first guess for the carries `c_1..c_T`, stacked along a leading axis
@@ -85,28 +90,48 @@ def scan(
                 f"dtype {jnp.result_type(leaf)}. Pass integer counters through `xs` "
                 "(e.g. `xs=jnp.arange(T)`) instead of the carry."
             )
+    length, window = as_count(length), as_count(window)
+    del unroll
     init = jtu.tree_map(jnp.asarray, init)
     if reverse:
         xs = _flip(xs)
-    init_flat, unravel = ravel_pytree(init)
-    x_struct = jax.eval_shape(lambda: jtu.tree_map(lambda a: a[0], xs))
-    carry_struct, _ = jax.eval_shape(f, init, x_struct)
-    init_struct = jax.eval_shape(lambda: init)
-    if jtu.tree_structure(carry_struct) != jtu.tree_structure(init_struct) or any(
-        a.shape != b.shape
-        for a, b in zip(jtu.tree_leaves(carry_struct), jtu.tree_leaves(init_struct))
-    ):
-        raise TypeError(
-            "`f` must return a carry with the same structure and shapes as `init`: "
-            f"got {carry_struct} for init {init_struct}."
+    x_leaves = jtu.tree_leaves(xs)
+    if length is None and not x_leaves:
+        raise ValueError(
+            "`partime.scan` got no `xs` to scan over and no `length`, as "
+            "`jax.lax.scan` would refuse."
         )
+    x_struct = jtu.tree_map(
+        lambda a: jax.ShapeDtypeStruct(jnp.shape(a)[1:], jnp.result_type(a)), xs
+    )
+    carry_struct, out_struct = jax.eval_shape(f, init, x_struct)
+    init = _check_carry(carry_struct, init)
+    flattener = Flattener(init)
+    init_flat = flattener.ravel(init)
+    unravel = flattener.unravel
+    num_steps = length if length is not None else jnp.shape(x_leaves[0])[0]
+    if num_steps == 0:
+        # As `jax.lax.scan`: the carry is `init`, the outputs have length zero.
+        empty = lambda s: jnp.zeros((0, *s.shape), s.dtype)
+        ys = jtu.tree_map(empty, out_struct)
+        if return_stats:
+            stats = Stats(
+                num_iterations=count(0),
+                num_advances=count(0),
+                num_sequential_steps=count(0),
+                fallback_start=count(0),
+                length=0,
+                result=RESULTS.successful,
+            )
+            return init, ys, stats
+        return init, ys
 
     def step(state, x):
         carry, _ = f(unravel(state), x)
-        return ravel_pytree(carry)[0]
+        return flattener.ravel(carry)
 
     if guess is not None:
-        guess = jax.vmap(lambda c: ravel_pytree(c)[0])(guess)
+        guess = jax.vmap(flattener.ravel)(guess)
     if reverse and tolerance_scale is not None and jnp.ndim(tolerance_scale):
         tolerance_scale = _flip(tolerance_scale)
     states, stats = fixed_point_solve(
@@ -136,3 +161,21 @@ def scan(
     if return_stats:
         return final, ys, stats
     return final, ys
+
+
+def _check_carry(carry_struct: PyTree, init: PyTree) -> PyTree:
+    """As `jax.lax.scan`: `f` must return a carry of the structure, shapes and dtypes
+    of `init`; a weakly typed leaf of `init` (a Python scalar) takes the dtype `f`
+    returns. Returns `init` so promoted."""
+    init_struct = jax.eval_shape(lambda: init)
+    same = jtu.tree_structure(carry_struct) == jtu.tree_structure(init_struct) and all(
+        a.shape == b.shape and (a.dtype == b.dtype or b.weak_type)
+        for a, b in zip(jtu.tree_leaves(carry_struct), jtu.tree_leaves(init_struct))
+    )
+    if not same:
+        raise TypeError(
+            "`f` must return a carry with the same structure, shapes and dtypes as "
+            f"`init`, as for `jax.lax.scan`: got {carry_struct} for init "
+            f"{init_struct}."
+        )
+    return jtu.tree_map(lambda c, i: i.astype(c.dtype), carry_struct, init)

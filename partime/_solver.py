@@ -1,29 +1,36 @@
-import abc
-import functools
 import math
+import sys
 from collections.abc import Callable
 from typing import Any
 
 import diffrax
 import equinox as eqx
 import jax
-import jax.flatten_util as jfu
 import jax.numpy as jnp
 import jax.tree_util as jtu
-import numpy as np
-import optimistix as optx
 
-# Private: `use_stepsize_tol` only to fill in an implicit inner solver's root-finder
-# tolerances, as `diffeqsolve` does; `AdjointTerm` only to reject `BacksolveAdjoint`.
+# Private: `use_stepsize_tol` only to recognise an implicit inner solver whose
+# root-finder tolerances are left to a step size controller, as `diffeqsolve` does;
+# `AdjointTerm` only to reject `BacksolveAdjoint`.
 from diffrax._root_finder import use_stepsize_tol
 from diffrax._term import AdjointTerm
-from equinox.internal import ω
 from jax.sharding import Mesh
 from jaxtyping import Array, Int, PyTree
 
+from ._brownian_increments import store_increments
 from ._fixed_point import fixed_point_solve, previous
+from ._flatten import Flattener
+from ._inner_step import (
+    best_guess,
+    coarse_guess,
+    flat_step as make_flat_step,
+    with_bounded_scan,
+    with_portable_lu,
+)
 from ._method.base import AbstractMethod
 from ._method.newton import Newton
+from ._misc import as_count
+from ._window_interpolation import inner_grid, window_interpolation_cls
 
 
 class ParallelSolverState(eqx.Module):
@@ -44,319 +51,42 @@ class ParallelSolverState(eqx.Module):
     num_fallbacks: Int[Array, ""]
 
 
-def _inner_grid(t0, t1, num_steps: int) -> Array:
-    """The inner step times of the window `[t0, t1]`: `num_steps + 1` evenly spaced
-    points, the last one exactly `t1`. The solver's `step` and its interpolation both
-    call this, so that they agree bit for bit."""
-    t0 = jnp.asarray(t0)
-    t1 = jnp.asarray(t1)
-    dtype = jnp.result_type(t0, t1)
-    fraction = (jnp.arange(num_steps + 1) / num_steps).astype(dtype)
-    ts = t0 + (t1 - t0) * fraction
-    return ts.at[-1].set(t1)
-
-
-class AbstractWindowInterpolation(diffrax.AbstractLocalInterpolation):
-    """Dense output over one window: finds the inner step that holds `t` and defers to
-    the inner solver's own interpolation there."""
-
-    t0: Any
-    t1: Any
-    # The inner steps' dense infos, stacked on a leading axis of length `num_steps`.
-    infos: PyTree[Array]
-
-    @property
-    def num_steps(self) -> int:
-        return jtu.tree_leaves(self.infos)[0].shape[0]
-
-    @abc.abstractmethod
-    def _make_inner(self, t0, t1, info) -> diffrax.AbstractLocalInterpolation:
-        """The inner solver's interpolation over one inner step."""
-
-    def _local(self, t, left: bool) -> diffrax.AbstractLocalInterpolation:
-        ts = _inner_grid(self.t0, self.t1, self.num_steps)
-        # Same convention as `diffrax.DenseInterpolation`: at an inner grid point,
-        # `left=True` picks the step that ends there.
-        index = jnp.searchsorted(ts, t, side="left" if left else "right")
-        index = jnp.clip(index - 1, 0, self.num_steps - 1)
-        info = jtu.tree_map(lambda x: x[index], self.infos)
-        return self._make_inner(ts[index], ts[index + 1], info)
-
-    def evaluate(self, t0, t1=None, left: bool = True) -> PyTree[Array]:
-        if t1 is not None:
-            return (
-                self.evaluate(t1, left=left) ** ω - self.evaluate(t0, left=left) ** ω
-            ).ω
-        return self._local(t0, left).evaluate(t0, left=left)
-
-    def derivative(self, t, left: bool = True) -> PyTree[Array]:
-        return self._local(t, left).derivative(t, left=left)
-
-
-@functools.cache
-def _window_interpolation_cls(
-    inner_interpolation_cls: Callable[..., diffrax.AbstractLocalInterpolation],
-) -> type[AbstractWindowInterpolation]:
-    # Cached so that each inner interpolation gets one class with a stable identity:
-    # `diffrax.DenseInterpolation` keeps it as a static field.
-    class WindowInterpolation(AbstractWindowInterpolation):
-        t0: Any
-        t1: Any
-        infos: PyTree[Array]
-
-        def _make_inner(self, t0, t1, info):
-            return inner_interpolation_cls(t0=t0, t1=t1, **info)
-
-    name = getattr(inner_interpolation_cls, "__qualname__", "interpolation")
-    WindowInterpolation.__qualname__ = f"WindowInterpolation[{name}]"
-    WindowInterpolation.__name__ = WindowInterpolation.__qualname__
-    return WindowInterpolation
-
-
-def _with_bounded_scan(solver: diffrax.AbstractSolver) -> diffrax.AbstractSolver:
-    """diffrax's Runge--Kutta and SRK solvers run their stages through a checkpointed
-    `custom_vjp` loop by default, which `jax.jacfwd` and our implicit JVP cannot pass;
-    `scan_kind="lax"` (a `lax.while_loop`) passes forward mode but cannot be transposed,
-    which reverse mode does to our JVP rule. `"bounded"` supports both, as for
-    diffrax's own `DirectAdjoint` (SRK solvers: `"lax"`, see below)."""
-    # `type(...)`, not `isinstance`: diffrax forwards `isinstance` through wrappers.
-    if issubclass(type(solver), diffrax.AbstractWrappedSolver):
-        return eqx.tree_at(
-            lambda s: s.solver, solver, _with_bounded_scan(solver.solver)
-        )
-    if issubclass(type(solver), diffrax.AbstractRungeKutta):
-        return eqx.tree_at(
-            lambda s: s.scan_kind, solver, "bounded", is_leaf=lambda x: x is None
-        )
-    if issubclass(type(solver), diffrax.AbstractSRK):
-        # SRK stages run through `equinox.internal.scan`, which has no "bounded"
-        # kind; its "lax" kind is a `lax.scan`, which passes both modes.
-        return eqx.tree_at(
-            lambda s: s.scan_kind, solver, "lax", is_leaf=lambda x: x is None
-        )
-    return solver
-
-
-def _with_root_finder_tolerances(
-    solver: diffrax.AbstractSolver, rtol: float, atol: float
-) -> diffrax.AbstractSolver:
-    """Fills in the tolerances an implicit inner solver's root finder leaves to the
-    step size controller (`diffrax`'s `use_stepsize_tol`). `diffeqsolve` does this only
-    for a solver that is itself an `AbstractImplicitSolver`, which ours is not; we take
-    the fixed-point iteration's own tolerances, and the max norm, so that each inner
-    step is solved at least as accurately as the window."""
-    # `type(...)`, not `isinstance`: diffrax forwards `isinstance` through wrappers.
-    if not issubclass(type(solver), diffrax.AbstractImplicitSolver):
-        return solver
-    root_finder = solver.root_finder
-    fills = {"rtol": rtol, "atol": atol, "norm": optx.max_norm}
-    names = [name for name in fills if getattr(root_finder, name) is use_stepsize_tol]
-    if not names:
-        return solver
-    return eqx.tree_at(
-        lambda s: [getattr(s.root_finder, name) for name in names],
-        solver,
-        [fills[name] for name in names],
-    )
-
-
-def _flat_step(solver, make_terms, args, unravel) -> Callable:
-    """One inner step `(y_{k-1}, x_k) -> y_k` on flat states: the map whose iterates
-    the fixed-point solve looks for. `x_k = (t_{k-1}, t_k, increments_k)`, and
-    `make_terms(increments_k)` gives the terms of that inner step (see
-    `_StoredIncrementTerm`).
-
-    Explicit Runge--Kutta steps are evaluated here from the solver's (public) Butcher
-    tableau: straight-line code that `jax.jacfwd` and reverse mode pass cheaply, where
-    diffrax's `step` runs a loop over the stages; and the stages that do not enter
-    `y_k` (the first-same-as-last stage of Tsit5, Dopri5, ...; only the error estimate
-    and dense output use it) are skipped. Other solvers take their own `init` + `step`
-    per inner step. Either way diffrax's `step` is evaluated once more at the converged
-    states, for the error estimates and dense output.
-    """
-    # `type(...)`, not `isinstance`: diffrax forwards `isinstance` through wrappers.
-    if not (
-        issubclass(type(solver), diffrax.AbstractERK)
-        and isinstance(solver.tableau, diffrax.ButcherTableau)
-    ):
-
-        def diffrax_step(y_flat, x):
-            ta, tb, increments = x
-            terms = make_terms(increments)
-            y = unravel(y_flat)
-            state = solver.init(terms, ta, tb, y, args)
-            y1, *_ = solver.step(terms, ta, tb, y, args, state, made_jump=False)
-            return jfu.ravel_pytree(y1)[0]
-
-        return diffrax_step
-
-    tableau = solver.tableau
-    b_sol = np.asarray(tableau.b_sol)
-    num_stages = int(np.flatnonzero(b_sol)[-1]) + 1
-
-    def combine(y_flat, coefficients, ks):
-        terms_ = [c * k for c, k in zip(coefficients, ks) if c != 0]
-        return y_flat + sum(terms_[1:], terms_[0]) if terms_ else y_flat
-
-    def erk_step(y_flat, x):
-        ta, tb, increments = x
-        terms = make_terms(increments)
-        control = terms.contr(ta, tb)
-        ks = []
-        for i in range(num_stages):
-            if i == 0:
-                ti, yi = ta, y_flat
-            else:
-                ci = float(tableau.c[i - 1])
-                ti = tb if ci == 1 else ta + ci * (tb - ta)
-                yi = combine(y_flat, tableau.a_lower[i - 1].tolist(), ks)
-            ki = terms.vf_prod(ti, unravel(yi), args, control)
-            ks.append(jfu.ravel_pytree(ki)[0].astype(y_flat.dtype))
-        return combine(y_flat, b_sol.tolist(), ks)
-
-    return erk_step
-
-
 def _is_count(value: Any, minimum: int) -> bool:
     """Whether `value` is a Python `int` (not a `bool`) of at least `minimum`."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
-def _coarse_guess(inner_step, interpolation_cls, ravel, y0_flat, ts, coarse_ts):
-    """A first iterate for a window: the inner solver stepped sequentially over the
-    few long steps `coarse_ts`, and its dense output at the inner grid `ts` (a
-    parareal-style predictor). `inner_step` takes the original terms (for an SDE,
-    the Brownian motion over the long steps); `ravel` flattens a state."""
-
-    def coarse_step(y_flat, x):
-        y1, _, info, _, _ = inner_step(y_flat, x)
-        return ravel(y1), info
-
-    _, infos = jax.lax.scan(coarse_step, y0_flat, (coarse_ts[:-1], coarse_ts[1:]))
-    num_coarse = len(coarse_ts) - 1
-    index = jnp.searchsorted(coarse_ts, ts[1:], side="left") - 1
-    index = jnp.clip(index, 0, num_coarse - 1)
-
-    def evaluate(t, i):
-        info = jtu.tree_map(lambda x: x[i], infos)
-        local = interpolation_cls(t0=coarse_ts[i], t1=coarse_ts[i + 1], **info)
-        return ravel(local.evaluate(t))
-
-    return jax.vmap(evaluate)(ts[1:], index)
-
-
-def _best_guess(flat_step, y0_flat, xs, candidates):
-    """Of the constant guess `y0` and the `candidates`, the one whose largest
-    residual over the window is smallest (non-finite ones never win): a coarse step
-    may be unstable where the inner step is not, and a stale trajectory may fit
-    worse than the constant."""
-
-    def max_residual(guess):
-        prev = jnp.concatenate([y0_flat[None], guess[:-1]])
-        residual = guess - jax.vmap(flat_step)(prev, xs)
-        return jnp.where(
-            jnp.all(jnp.isfinite(residual)), jnp.max(jnp.abs(residual)), jnp.inf
-        )
-
-    best = jnp.broadcast_to(y0_flat, (xs[0].shape[0],) + y0_flat.shape)
-    best_residual = max_residual(best)
-    for candidate in candidates:
-        residual = max_residual(candidate)
-        better = residual < best_residual
-        best = jnp.where(better, candidate, best)
-        best_residual = jnp.where(better, residual, best_residual)
-    return jax.lax.stop_gradient(best)
-
-
-class _StoredIncrementTerm(diffrax.AbstractTerm):
-    """A term whose control over the current inner step is already known: `contr`
-    returns the stored increment (for a Brownian motion, with its Lévy area when the
-    solver asked for it), whatever the times; everything else defers to `term`.
-
-    Rebuilt inside the step function from the step's inputs, so that every inner SDE
-    step is a deterministic map of its start state, and the Brownian motion is
-    evaluated once per window, vectorised, not in every iteration and Jacobian
-    probe."""
-
-    term: diffrax.AbstractTerm
-    increment: PyTree
-
-    def vf(self, t, y, args):
-        return self.term.vf(t, y, args)
-
-    def contr(self, t0, t1, **kwargs):
-        del t0, t1, kwargs
-        return self.increment
-
-    def prod(self, vf, control):
-        return self.term.prod(vf, control)
-
-    def vf_prod(self, t, y, args, control):
-        return self.term.vf_prod(t, y, args, control)
-
-    def is_vf_expensive(self, t0, t1, y, args):
-        return self.term.is_vf_expensive(t0, t1, y, args)
-
-
-def _is_stochastic(term) -> bool:
-    is_path = lambda x: isinstance(x, diffrax.AbstractBrownianPath)
-    return any(is_path(x) for x in jtu.tree_leaves(term, is_leaf=is_path))
-
-
-def _map_stochastic(terms, contr_kwargs, fn):
-    """`terms` with each leaf term driven by a Brownian motion replaced by
-    `fn(leaf, kwargs)`, where `kwargs` are the keyword arguments the solver passes to
-    that leaf's `contr` (e.g. `use_levy=True` for SRK solvers). Leaves are visited in
-    a fixed order."""
-    # `type(...)`: diffrax's own `MultiTerm`, not a user subclass with other fields.
-    if type(terms) is diffrax.MultiTerm:
-        if not isinstance(contr_kwargs, tuple):
-            contr_kwargs = (contr_kwargs,) * len(terms.terms)
-        return diffrax.MultiTerm(
-            *[
-                _map_stochastic(term, kwargs, fn)
-                for term, kwargs in zip(terms.terms, contr_kwargs)
-            ]
-        )
-    if _is_stochastic(terms):
-        return fn(terms, contr_kwargs if isinstance(contr_kwargs, dict) else {})
-    return terms
-
-
-def _store_increments(terms, contr_kwargs, ts):
-    """Every Brownian increment of the window, computed once and vectorised over the
-    inner steps; and the function that rebuilds the terms of one inner step from its
-    slice of them."""
-    increments = []
-
-    def compute(leaf, kwargs):
-        contr = lambda ta, tb: leaf.contr(ta, tb, **kwargs)
-        increments.append(jax.vmap(contr)(ts[:-1], ts[1:]))
-        return leaf
-
-    _map_stochastic(terms, contr_kwargs, compute)
-
-    def make_terms(step_increments):
-        remaining = iter(step_increments)
-        store = lambda leaf, kwargs: _StoredIncrementTerm(leaf, next(remaining))
-        return _map_stochastic(terms, contr_kwargs, store)
-
-    return increments, make_terms
+_BACKSOLVE_MESSAGE = (
+    "`partime.ParallelSolver` does not support "
+    "`adjoint=diffrax.BacksolveAdjoint()`: its backward solve would "
+    "run over an augmented state holding every parameter, making each "
+    "window's Jacobians huge. Use the default "
+    "`diffrax.RecursiveCheckpointAdjoint()`, or "
+    "`diffrax.DirectAdjoint()` or `diffrax.ForwardMode()`: all three "
+    "differentiate each window implicitly, in parallel over time."
+)
 
 
 def _check_terms(terms) -> None:
     is_special = lambda x: isinstance(x, AdjointTerm)
     for leaf in jtu.tree_leaves(terms, is_leaf=is_special):
         if isinstance(leaf, AdjointTerm):
-            raise ValueError(
-                "`partime.ParallelSolver` does not support "
-                "`adjoint=diffrax.BacksolveAdjoint()`: its backward solve would "
-                "run over an augmented state holding every parameter, making each "
-                "window's Jacobians huge. Use the default "
-                "`diffrax.RecursiveCheckpointAdjoint()`, or "
-                "`diffrax.DirectAdjoint()` or `diffrax.ForwardMode()`: all three "
-                "differentiate each window implicitly, in parallel over time."
-            )
+            raise ValueError(_BACKSOLVE_MESSAGE)
+
+
+def _check_not_backsolve() -> None:
+    """Refuses `BacksolveAdjoint` before the forward solve runs. diffrax passes the
+    adjoint to no solver method, and its forward pass steps the user's own terms; but
+    `diffeqsolve` calls the solver's `init` itself, at trace time, with the adjoint
+    among its local variables. (`_check_terms` still catches the backward pass's
+    `AdjointTerm`, should the call come from elsewhere.)"""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "diffeqsolve" and isinstance(
+            frame.f_locals.get("adjoint"), diffrax.BacksolveAdjoint
+        ):
+            raise ValueError(_BACKSOLVE_MESSAGE)
+        frame = frame.f_back
 
 
 def _check_inner_solver(solver: Any) -> None:
@@ -378,6 +108,29 @@ def _check_inner_solver(solver: Any) -> None:
             f"`{type(solver).__name__}` yet. Use an explicit solver "
             "(`diffrax.Tsit5()`, ...) or an implicit one (`diffrax.Kvaerno5()`, "
             "...) on the whole vector field."
+        )
+    if isinstance(solver, diffrax.AbstractFosterLangevinSRK):
+        raise ValueError(
+            f"`partime.ParallelSolver` does not support `{type(solver).__name__}`: "
+            "diffrax's underdamped Langevin solvers step their own drift and "
+            "diffusion terms (`UnderdampedLangevinDriftTerm`, ...) and cannot take "
+            "the stored Brownian increments `ParallelSolver` gives every inner step. "
+            "Write the SDE as `MultiTerm(ODETerm(drift), ControlTerm(diffusion, "
+            "brownian_motion))` and use an SRK solver such as `diffrax.ShARK()` or "
+            "`diffrax.SEA()` inside `ParallelSolver`."
+        )
+    if issubclass(type(solver), diffrax.AbstractImplicitSolver) and any(
+        getattr(solver.root_finder, name, None) is use_stepsize_tol
+        for name in ("rtol", "atol", "norm")
+    ):
+        # As `diffeqsolve` with a constant step size: `ParallelSolver` is not an
+        # implicit solver itself, so diffrax never fills these in from a controller.
+        raise ValueError(
+            "`partime.ParallelSolver`: the tolerances for the implicit solver have "
+            "not been specified. Give the inner solver a root finder with explicit "
+            "tolerances, e.g. `diffrax.Kvaerno5(root_finder=diffrax.VeryChord("
+            "rtol=1e-8, atol=1e-8))`; its root finds should be at least as accurate "
+            "as the fixed-point iteration's tolerances."
         )
     if isinstance(solver, (diffrax.ReversibleHeun, diffrax.LeapfrogMidpoint)):
         raise ValueError(
@@ -496,8 +249,11 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
     pass), `diffrax.DirectAdjoint()` or `diffrax.ForwardMode()`;
     `diffrax.BacksolveAdjoint()` is rejected with an error.
 
-    **Supported problems.** Any PyTree `y0` is accepted; it is flattened to one vector
-    per step inside the window.
+    **Supported problems.** Any PyTree `y0` is accepted, with real or complex leaves
+    of any floating-point dtype, some or all of them empty; it is flattened to one
+    real vector per step inside the window (complex leaves as their real and
+    imaginary parts, `bfloat16`/`float16` ones iterated in `float32` and stepped in
+    their own dtype).
 
     - ODEs and other deterministic terms, e.g. CDEs (`ControlTerm` driven by a
         `diffrax.LinearInterpolation` or `CubicInterpolation` of data), with an
@@ -520,12 +276,14 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
         `Kvaerno4`, `Kvaerno5`, ... Each inner step runs the solver's own root finder
         (the inner solver as a black box), and the iteration's transition is the
         Jacobian of the whole inner step, through the root find by implicit
-        differentiation. Root-finder tolerances left unset (the default: diffrax
-        takes them from an adaptive step size controller) are filled in with the
-        fixed-point `method`'s own `rtol`/`atol` and the max norm; to compare with a
-        sequential solve to high accuracy, give both the same explicit root finder,
-        e.g. `diffrax.Kvaerno5(root_finder=optimistix.Newton(rtol=1e-10,
-        atol=1e-10))`. IMEX solvers (`KenCarp4`, ...) are not supported yet.
+        differentiation. The root finder needs explicit tolerances (diffrax
+        leaves the defaults to an adaptive step size controller, which never sees
+        the inner steps; as `diffeqsolve` with a constant step size, they are
+        refused), e.g. `diffrax.Kvaerno5(root_finder=optimistix.Newton(rtol=1e-10,
+        atol=1e-10))`; give a sequential solve the same root finder to compare. A
+        root finder that factorises with LU (lineax's default) gets one written in
+        plain JAX operations: batched LAPACK LU over the inner steps can deadlock
+        XLA:CPU. IMEX solvers (`KenCarp4`, ...) are not supported yet.
 
     `ParallelSolver` carries the Itô/Stratonovich marker of its inner solver, so
     `isinstance(solver, diffrax.AbstractItoSolver)` answers as the inner solver does.
@@ -583,10 +341,10 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
         axis_name: str | None = None,
     ):
         self.solver = diffrax.Tsit5() if solver is None else solver
-        self.num_steps = num_steps
+        self.num_steps = as_count(num_steps)
         self.method = Newton() if method is None else method
-        self.coarse_steps = coarse_steps
-        self.window = window
+        self.coarse_steps = as_count(coarse_steps)
+        self.window = as_count(window)
         self.guess = guess
         self.mesh = mesh
         self.axis_name = axis_name
@@ -615,6 +373,12 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
                     "`partime.ParallelSolver(window=...)` must be `None` or a positive "
                     f"integer (inner steps in flight at a time); got {self.window!r}."
                 )
+            if self.window > self.num_steps:
+                raise ValueError(
+                    "`partime.ParallelSolver(window=...)` must be at most `num_steps` "
+                    f"(the inner steps of one diffrax step); got window={self.window} "
+                    f"with num_steps={self.num_steps}."
+                )
             if self.mesh is not None:
                 raise ValueError(
                     "`partime.ParallelSolver` takes `window=` or `mesh=`, not both."
@@ -641,7 +405,7 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
 
     @property
     def interpolation_cls(self):  # pyright: ignore[reportIncompatibleVariableOverride]
-        return _window_interpolation_cls(self.solver.interpolation_cls)
+        return window_interpolation_cls(self.solver.interpolation_cls)
 
     def order(self, terms):
         return self.solver.order(terms)
@@ -655,6 +419,7 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
     def init(self, terms, t0, t1, y0, args) -> ParallelSolverState:
         del t0, t1, y0, args
         _check_terms(terms)
+        _check_not_backsolve()
         zero = jnp.array(0, dtype=jnp.int32)
         return ParallelSolverState(num_iterations=zero, num_fallbacks=zero)
 
@@ -663,13 +428,12 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
         # solvers recompute their first stage and a jump at `t0` needs no special care.
         del made_jump
         _check_terms(terms)
-        y0_flat, unravel = jfu.ravel_pytree(y0)
-        ravel = lambda y: jfu.ravel_pytree(y)[0].astype(y0_flat.dtype)
-        solver = _with_root_finder_tolerances(
-            _with_bounded_scan(self.solver), *self.method.tolerances(y0_flat.dtype)
-        )
-        ts = _inner_grid(t0, t1, self.num_steps)
-        increments, make_terms = _store_increments(
+        flattener = Flattener(y0)
+        ravel, unravel = flattener.ravel, flattener.unravel
+        y0_flat = ravel(y0)
+        solver = with_portable_lu(with_bounded_scan(self.solver))
+        ts = inner_grid(t0, t1, self.num_steps)
+        increments, make_terms = store_increments(
             terms, solver.term_compatible_contr_kwargs, ts
         )
         xs = (ts[:-1], ts[1:], increments)
@@ -685,15 +449,15 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
             return inner_step
 
         inner_step = make_inner_step(make_terms)
-        flat_step = _flat_step(solver, make_terms, args, unravel)
+        flat_step = make_flat_step(solver, make_terms, args, flattener)
         candidates = []
         if self.coarse_steps != 0:
             # The coarse steps take the terms as they are: for an SDE, the Brownian
             # motion over each long step.
             coarse_inner_step = make_inner_step(lambda _: terms)
-            coarse_ts = _inner_grid(t0, t1, self._num_coarse_steps)
+            coarse_ts = inner_grid(t0, t1, self._num_coarse_steps)
             candidates.append(
-                _coarse_guess(
+                coarse_guess(
                     lambda y, x: coarse_inner_step(y, (*x, ())),
                     solver.interpolation_cls,
                     ravel,
@@ -704,7 +468,7 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
             )
         if self.guess is not None:
             candidates.append(jax.vmap(lambda t: ravel(self.guess(t)))(ts[1:]))
-        guess = _best_guess(flat_step, y0_flat, xs, candidates) if candidates else None
+        guess = best_guess(flat_step, y0_flat, xs, candidates) if candidates else None
         # A sliding window of `window` inner steps moves through this one, or the
         # inner steps split over the mesh's time axis.
         window = self.window if self.window and self.window < self.num_steps else None

@@ -13,7 +13,7 @@ T, D = 12, 3
 @pytest.fixture
 def operators(getkey):
     matrices = 0.7 * jr.normal(getkey(), (T, D, D)) / jnp.sqrt(D)
-    blocks = jnp.eye(D) + 0.3 * jr.normal(getkey(), (T, D, D))
+    blocks = jnp.eye(D)[None] + 0.3 * jr.normal(getkey(), (T, D, D))
     transition = partime.DenseTransition(matrices)
     return {
         "unit": partime.BidiagonalOperator(transition),

@@ -12,7 +12,7 @@ import jax.random as jr
 import pytest
 
 import partime
-from partime._solver import _inner_grid
+from partime._window_interpolation import inner_grid as _inner_grid
 
 from .helpers import max_rel_error
 

@@ -144,7 +144,7 @@ def test_pytree_carry_xs_none_and_reverse():
         return {"a": a, "bc": (b, c)}, (a[0], c)
 
     init = {"a": jnp.ones(3), "bc": (jnp.array(0.5), jnp.zeros((2, 2)))}
-    xs = {"u": jnp.linspace(-1, 1, 300)[:, None] * jnp.ones(3)}
+    xs = {"u": jnp.linspace(-1, 1, 300)[:, None] * jnp.ones((1, 3))}
     for reverse in (False, True):
         expected = jax.lax.scan(step, init, xs, reverse=reverse)
         out = partime.scan(step, init, xs, reverse=reverse)

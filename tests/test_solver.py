@@ -460,7 +460,7 @@ def _loss(y0, args, field, closed, *, solver, adjoint, dt0, grid):
         stepsize_controller=stepsize_controller,
         max_steps=NUM_INNER + 1,
     )
-    return jnp.sum(sol.ys**2 * jnp.arange(1, 4)) + jnp.sum(jnp.sin(sol.ys))
+    return jnp.sum(sol.ys**2 * jnp.arange(1.0, 4.0)[None]) + jnp.sum(jnp.sin(sol.ys))
 
 
 @functools.partial(jax.jit, static_argnames=("solver_name", "adjoint_name", "parallel"))

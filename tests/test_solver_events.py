@@ -11,7 +11,7 @@ import optimistix as optx
 import pytest
 
 import partime
-from partime._solver import _inner_grid
+from partime._window_interpolation import inner_grid as _inner_grid
 
 
 NUM_WINDOWS = 4

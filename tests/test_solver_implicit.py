@@ -14,7 +14,7 @@ import optimistix as optx
 import pytest
 
 import partime
-from partime._solver import _inner_grid
+from partime._window_interpolation import inner_grid as _inner_grid
 
 
 # Newton rather than diffrax's default `VeryChord`: at tolerances this tight, the
@@ -70,10 +70,10 @@ _GRIDS = {
 }
 
 
-@functools.partial(jax.jit, static_argnames=("problem", "name", "parallel", "tight"))
-def _solve(y0, args, *, problem, name, parallel, tight=True):
+@functools.partial(jax.jit, static_argnames=("problem", "name", "parallel"))
+def _solve(y0, args, *, problem, name, parallel):
     vf, _, _, t1 = PROBLEMS[problem]
-    inner = SOLVERS[name](root_finder=_ROOT_FINDER) if tight else SOLVERS[name]()
+    inner = SOLVERS[name](root_finder=_ROOT_FINDER)
     if parallel:
         solver = partime.ParallelSolver(inner, num_steps=NUM_STEPS)
         dt0, controller = t1, diffrax.ConstantStepSize()
@@ -118,14 +118,13 @@ def test_implicit_solvers(problem, name):
     _assert_close(ys, ref, 1e-8)
 
 
-def test_default_root_finder_tolerances():
-    # `ImplicitEuler()` leaves its root finder's tolerances to the step size controller;
-    # `ParallelSolver` fills in the fixed-point iteration's own.
-    _, y0, args, _ = PROBLEMS["linear"]
-    kwargs = dict(problem="linear", name="implicit_euler")
-    ys = _solve(y0, args, parallel=True, tight=False, **kwargs)
-    ref = _solve(y0, args, parallel=False, **kwargs)
-    _assert_close(ys, ref, 1e-6)
+@pytest.mark.parametrize("name", SOLVERS)
+def test_default_root_finder_tolerances_refused(name):
+    # `Kvaerno5()` leaves its root finder's tolerances to an adaptive step size
+    # controller, which never sees them inside `ParallelSolver`: refused, as
+    # `diffeqsolve` refuses them with a constant step size.
+    with pytest.raises(ValueError, match="tolerances for the implicit solver"):
+        partime.ParallelSolver(SOLVERS[name]())
 
 
 def _loss(y0, args, **kwargs):
@@ -134,7 +133,7 @@ def _loss(y0, args, **kwargs):
 
 _grad = jax.jit(
     jax.grad(_loss, argnums=(0, 1)),
-    static_argnames=("problem", "name", "parallel", "tight"),
+    static_argnames=("problem", "name", "parallel"),
 )
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import partime
-from partime._solver import _inner_grid
+from partime._window_interpolation import inner_grid as _inner_grid
 
 
 T0, T1 = 0.0, 1.0

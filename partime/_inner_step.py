@@ -1,0 +1,161 @@
+"""One inner step of a `partime.ParallelSolver` window as a map on flat states, and
+the first iterate of a window's iteration."""
+
+from collections.abc import Callable
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import lineax as lx
+import numpy as np
+
+from ._lu import PortableLU
+
+
+def with_bounded_scan(solver: diffrax.AbstractSolver) -> diffrax.AbstractSolver:
+    """diffrax's Runge--Kutta and SRK solvers run their stages through a checkpointed
+    `custom_vjp` loop by default, which `jax.jacfwd` and our implicit JVP cannot pass;
+    `scan_kind="lax"` (a `lax.while_loop`) passes forward mode but cannot be transposed,
+    which reverse mode does to our JVP rule. `"bounded"` supports both, as for
+    diffrax's own `DirectAdjoint` (SRK solvers: `"lax"`, see below)."""
+    # `type(...)`, not `isinstance`: diffrax forwards `isinstance` through wrappers.
+    if issubclass(type(solver), diffrax.AbstractWrappedSolver):
+        return eqx.tree_at(lambda s: s.solver, solver, with_bounded_scan(solver.solver))
+    if issubclass(type(solver), diffrax.AbstractRungeKutta):
+        return eqx.tree_at(
+            lambda s: s.scan_kind, solver, "bounded", is_leaf=lambda x: x is None
+        )
+    if issubclass(type(solver), diffrax.AbstractSRK):
+        # SRK stages run through `equinox.internal.scan`, which has no "bounded"
+        # kind; its "lax" kind is a `lax.scan`, which passes both modes.
+        return eqx.tree_at(
+            lambda s: s.scan_kind, solver, "lax", is_leaf=lambda x: x is None
+        )
+    return solver
+
+
+def with_portable_lu(solver: diffrax.AbstractSolver) -> diffrax.AbstractSolver:
+    """An implicit inner solver whose root finder factorises with LU (lineax's
+    default for its square Jacobians) gets `PortableLU` instead: batched LAPACK
+    LU over the inner steps can deadlock XLA:CPU (see `_lu.py`). Root finders with
+    another linear solver are left alone."""
+    # `type(...)`, not `isinstance`: diffrax forwards `isinstance` through wrappers.
+    if issubclass(type(solver), diffrax.AbstractWrappedSolver):
+        return eqx.tree_at(lambda s: s.solver, solver, with_portable_lu(solver.solver))
+    if not issubclass(type(solver), diffrax.AbstractImplicitSolver):
+        return solver
+    linear_solver = getattr(solver.root_finder, "linear_solver", None)
+    uses_lu = isinstance(linear_solver, lx.LU) or (
+        isinstance(linear_solver, lx.AutoLinearSolver)
+        and linear_solver.well_posed is not False
+    )
+    if not uses_lu:
+        return solver
+    return eqx.tree_at(lambda s: s.root_finder.linear_solver, solver, PortableLU())
+
+
+def flat_step(solver, make_terms, args, flattener) -> Callable:
+    """One inner step `(y_{k-1}, x_k) -> y_k` on flat states: the map whose iterates
+    the fixed-point solve looks for. `x_k = (t_{k-1}, t_k, increments_k)`, and
+    `make_terms(increments_k)` gives the terms of that inner step (see
+    `StoredIncrementTerm`); `flattener` maps states to flat vectors and back.
+
+    Explicit Runge--Kutta steps are evaluated here from the solver's (public) Butcher
+    tableau: straight-line code that `jax.jacfwd` and reverse mode pass cheaply, where
+    diffrax's `step` runs a loop over the stages; and the stages that do not enter
+    `y_k` (the first-same-as-last stage of Tsit5, Dopri5, ...; only the error estimate
+    and dense output use it) are skipped. Other solvers take their own `init` + `step`
+    per inner step. Either way diffrax's `step` is evaluated once more at the converged
+    states, for the error estimates and dense output.
+    """
+    ravel, unravel = flattener.ravel, flattener.unravel
+    # `type(...)`, not `isinstance`: diffrax forwards `isinstance` through wrappers.
+    if not (
+        issubclass(type(solver), diffrax.AbstractERK)
+        and isinstance(solver.tableau, diffrax.ButcherTableau)
+    ):
+
+        def diffrax_step(y_flat, x):
+            ta, tb, increments = x
+            terms = make_terms(increments)
+            y = unravel(y_flat)
+            state = solver.init(terms, ta, tb, y, args)
+            y1, *_ = solver.step(terms, ta, tb, y, args, state, made_jump=False)
+            return ravel(y1)
+
+        return diffrax_step
+
+    tableau = solver.tableau
+    b_sol = np.asarray(tableau.b_sol)
+    num_stages = int(np.flatnonzero(b_sol)[-1]) + 1
+
+    def combine(y_flat, coefficients, ks):
+        terms_ = [c * k for c, k in zip(coefficients, ks) if c != 0]
+        return y_flat + sum(terms_[1:], terms_[0]) if terms_ else y_flat
+
+    def erk_step(y_flat, x):
+        ta, tb, increments = x
+        terms = make_terms(increments)
+        control = terms.contr(ta, tb)
+        ks = []
+        for i in range(num_stages):
+            if i == 0:
+                ti, yi = ta, y_flat
+            else:
+                ci = float(tableau.c[i - 1])
+                ti = tb if ci == 1 else ta + ci * (tb - ta)
+                yi = combine(y_flat, tableau.a_lower[i - 1].tolist(), ks)
+            ki = terms.vf_prod(ti, unravel(yi), args, control)
+            ks.append(ravel(ki))
+        # Rounded to the state's dtype where that is narrower, as diffrax's step is.
+        return ravel(unravel(combine(y_flat, b_sol.tolist(), ks)))
+
+    return erk_step
+
+
+def coarse_guess(inner_step, interpolation_cls, ravel, y0_flat, ts, coarse_ts):
+    """A first iterate for a window: the inner solver stepped sequentially over the
+    few long steps `coarse_ts`, and its dense output at the inner grid `ts` (a
+    parareal-style predictor). `inner_step` takes the original terms (for an SDE,
+    the Brownian motion over the long steps); `ravel` flattens a state."""
+
+    def coarse_step(y_flat, x):
+        y1, _, info, _, _ = inner_step(y_flat, x)
+        return ravel(y1), info
+
+    _, infos = jax.lax.scan(coarse_step, y0_flat, (coarse_ts[:-1], coarse_ts[1:]))
+    num_coarse = len(coarse_ts) - 1
+    index = jnp.searchsorted(coarse_ts, ts[1:], side="left") - 1
+    index = jnp.clip(index, 0, num_coarse - 1)
+
+    def evaluate(t, i):
+        info = jtu.tree_map(lambda x: x[i], infos)
+        local = interpolation_cls(t0=coarse_ts[i], t1=coarse_ts[i + 1], **info)
+        return ravel(local.evaluate(t))
+
+    return jax.vmap(evaluate)(ts[1:], index)
+
+
+def best_guess(flat_step, y0_flat, xs, candidates):
+    """Of the constant guess `y0` and the `candidates`, the one whose largest
+    residual over the window is smallest (non-finite ones never win): a coarse step
+    may be unstable where the inner step is not, and a stale trajectory may fit
+    worse than the constant."""
+
+    def max_residual(guess):
+        prev = jnp.concatenate([y0_flat[None], guess[:-1]])
+        residual = guess - jax.vmap(flat_step)(prev, xs)
+        return jnp.where(
+            jnp.all(jnp.isfinite(residual)), jnp.max(jnp.abs(residual)), jnp.inf
+        )
+
+    best = jnp.broadcast_to(y0_flat, (xs[0].shape[0],) + y0_flat.shape)
+    best_residual = max_residual(best)
+    for candidate in candidates:
+        residual = max_residual(candidate)
+        better = residual < best_residual
+        best = jnp.where(better, candidate, best)
+        best_residual = jnp.where(better, residual, best_residual)
+    return jax.lax.stop_gradient(best)
