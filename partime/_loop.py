@@ -2,13 +2,17 @@
 
 Solves `r_t = s_t - f(s_{t-1}, x_t) = 0`, `t = 1..T`, for `s_1..s_T` given `s_0`:
 evaluate → the method's update → its trust region or damping → converged? → hopeless?
-→ the prefix exact to rounding → the exact sequential fallback → statistics. The
-method owns its policy (`propose`, `cut`, `judge`); the layout owns where time lives
-(the reductions over time, the fallback). Neither edits this loop.
+→ the schedule moves → the prefix exact to rounding → the exact sequential fallback →
+statistics. The method owns its policy (`propose`, `cut`, `judge`); the layout owns
+where time lives (the reductions over the steps in flight, the fallback); the schedule
+owns which steps are in flight (all of them, or a window that moves on past its
+settled steps). None of them edits this loop.
 """
 
+import abc
 import math
 from collections.abc import Callable
+from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -31,6 +35,72 @@ def within(x: Array, tol: Array) -> Bool[Array, " T"]:
     return jnp.all(jnp.abs(x) <= tol, axis=-1)
 
 
+class AbstractSchedule(eqx.Module):
+    """Which of the `length` steps are in flight, and how that changes after an
+    iteration. The loop iterates on the steps in flight, with the layout's reductions
+    over them; its tests of convergence and hopelessness count settled and converged
+    steps over the whole sequence."""
+
+    length: eqx.AbstractVar[int]
+    # Whether `advance` can move the steps in flight (static).
+    moves: eqx.AbstractClassVar[bool]
+
+    @abc.abstractmethod
+    def iteration_cap(self, method: AbstractMethod) -> int:
+        """The number of iterations after which the loop stops."""
+
+    @abc.abstractmethod
+    def start(self, init: Array, guess: Array | None) -> tuple[PyTree, Array]:
+        """`(state, iterate)`: the schedule's state and the first iterate in flight."""
+
+    @abc.abstractmethod
+    def in_flight(
+        self, state: PyTree, init: Array, xs: PyTree, scale: Array | None
+    ) -> tuple[Array, PyTree, Array | None]:
+        """`(head, xs, scale)` of the steps in flight: the state before the first
+        of them, their inputs, their tolerance factors."""
+
+    @abc.abstractmethod
+    def offset(self, state: PyTree) -> Int[Array, ""]:
+        """The index of the first step in flight."""
+
+    @abc.abstractmethod
+    def advance(
+        self, state: PyTree, states: Array, settled: Int[Array, ""]
+    ) -> tuple[PyTree, Array, Int[Array, ""]]:
+        """`(state, iterate, shift)` after an iteration whose first `settled` steps in
+        flight are final: the steps in flight move `shift <= settled` steps on."""
+
+    @abc.abstractmethod
+    def finish(self, state: PyTree, states: Array) -> Array:
+        """Every step's state, given the last iterate in flight."""
+
+
+class WholeSchedule(AbstractSchedule):
+    """Every step is in flight, all the time."""
+
+    length: int = eqx.field(static=True)
+    moves: ClassVar[bool] = False
+
+    def iteration_cap(self, method):
+        return method.iteration_cap(self.length)
+
+    def start(self, init, guess):
+        return None, guess
+
+    def in_flight(self, state, init, xs, scale):
+        return init, xs, scale
+
+    def offset(self, state):
+        return jnp.asarray(0, jnp.int32)
+
+    def advance(self, state, states, settled):
+        return state, states, jnp.asarray(0, jnp.int32)
+
+    def finish(self, state, states):
+        return states
+
+
 class _Carry(eqx.Module):
     iteration: Int[Array, ""]
     states: Float[Array, "T d"]
@@ -38,8 +108,12 @@ class _Carry(eqx.Module):
     residual: Float[Array, "T d"]
     merit: Float[Array, ""]
     prefix: Int[Array, ""]
-    # Whether the update that produced `states` was within tolerance.
-    small_update: Bool[Array, ""]
+    # The leading steps in flight whose residual and last update are within
+    # tolerance: final.
+    settled: Int[Array, ""]
+    # The schedule's state, and how often it moved.
+    schedule: PyTree
+    advances: Int[Array, ""]
     # The method's policy: Newton's trust horizon, ELK's λ.
     policy: PyTree
     # (prefix, merit) after each of the last few iterations, oldest first, for the
@@ -55,30 +129,40 @@ def iterate(
     step: Callable,
     init: Float[Array, " d"],
     xs: PyTree,
-    guess: Float[Array, "T d"],
+    guess: Float[Array, "T d"] | None,
     method: AbstractMethod,
     layout,
+    schedule: AbstractSchedule | None = None,
+    scale: Float[Array, " T"] | None = None,
 ) -> tuple[Float[Array, "T d"], Stats]:
     """The solve on a layout whose reductions the loop can use (the whole sequence,
-    or one device's chunk inside `shard_map`). Returns the states of this layout's
-    steps and the statistics (their arrays only)."""
+    or one device's chunk inside `shard_map`), over the steps in flight that the
+    `schedule` picks (default: all of them). `scale`: per-step tolerance factors.
+    Returns the states of every step and the statistics (their arrays only)."""
     length = layout.length
-    dtype = guess.dtype
-    rtol, atol = method.tolerances(dtype)
-    cap = method.iteration_cap(length)
+    if schedule is None:
+        schedule = WholeSchedule(length)
+    total = schedule.length
+    rtol, atol = method.tolerances(init.dtype)
+    dtype = init.dtype
+    cap = schedule.iteration_cap(method)
     init_finite = jnp.all(jnp.isfinite(init))
     index = layout.index
     eps = float(jnp.finfo(dtype).eps)
     window_size = max(2, math.ceil(_PATIENCE * cap))
     max_rejections = max(2, math.ceil(_PATIENCE * cap / 4))
 
-    def measure(states, f):
+    def tolerance(states, scale):
+        tol = atol + rtol * jnp.abs(states)
+        return tol if scale is None else scale[:, None] * tol
+
+    def measure(states, f, scale):
         residual = states - f
-        ok = within(residual, atol + rtol * jnp.abs(states))
+        ok = within(residual, tolerance(states, scale))
         return residual, layout.merit(residual), layout.first_false(ok)
 
     def converged(carry):
-        return (carry.prefix == length) & carry.small_update
+        return schedule.offset(carry.schedule) + carry.settled == total
 
     def cond_fun(carry):
         return (
@@ -86,6 +170,8 @@ def iterate(
         )
 
     def body_fun(carry):
+        head, xs_now, scale_now = schedule.in_flight(carry.schedule, init, xs, scale)
+        offset = schedule.offset(carry.schedule)
         delta = method.propose(layout, carry.transition, carry.residual, carry.policy)
         candidate = carry.states + delta
         first_bad = layout.first_false(jnp.all(jnp.isfinite(candidate), axis=-1))
@@ -93,12 +179,12 @@ def iterate(
         # Everything past the cut is unknown: continue it as a constant (a fresh flat
         # guess; an undamped update is exact at least one step past the prefix, so
         # progress is kept).
-        anchor = layout.state_at(init, candidate, cut)
+        anchor = layout.state_at(head, candidate, cut)
         candidate = jnp.where((index >= cut)[:, None], anchor, candidate)
         # The residual first; the transitions (Newton's Jacobians: the expensive
         # part) only below, once the iteration is known to go on from here.
-        f = jax.vmap(step)(layout.previous(init, candidate), xs)
-        residual, merit, prefix = measure(candidate, f)
+        f = jax.vmap(step)(layout.previous(head, candidate), xs_now)
+        residual, merit, prefix = measure(candidate, f, scale_now)
         accept, policy = method.judge(
             layout,
             carry.policy,
@@ -115,23 +201,24 @@ def iterate(
         def pick(new, old):
             return jnp.where(accept, new, old)
 
-        tol = atol + rtol * jnp.abs(candidate)
-        small_update = pick(
-            layout.all(within(candidate - carry.states, tol)), carry.small_update
-        )
+        tol = tolerance(candidate, scale_now)
+        small = within(candidate - carry.states, tol) & within(residual, tol)
+        settled = pick(layout.first_false(small), carry.settled)
         states = pick(candidate, carry.states)
         residual = pick(residual, carry.residual)
         merit = pick(merit, carry.merit)
         prefix = pick(prefix, carry.prefix)
         iteration = carry.iteration + 1
 
-        # Hopeless case: at the rates at which the converged prefix and the merit
-        # progressed over the last `window_size` iterations, the iteration would not
-        # finish within the cap. (The merit must fall to at most `½ Σ tol²`, a
-        # necessary condition for convergence.) Either rate suffices to go on.
-        prefix_rate = (prefix - carry.past_prefix[0]).astype(dtype) / window_size
-        prefix_needs = (length - prefix).astype(dtype) / jnp.maximum(prefix_rate, eps)
-        target = layout.merit(atol + rtol * jnp.abs(states))
+        # Hopeless case: at the rates at which the converged prefix (of the whole
+        # sequence) and the merit progressed over the last `window_size` iterations,
+        # the iteration would not finish within the cap. (The merit must fall to at
+        # most `½ Σ tol²`, a necessary condition for convergence.) Either rate
+        # suffices to go on.
+        reached = offset + prefix
+        prefix_rate = (reached - carry.past_prefix[0]).astype(dtype) / window_size
+        prefix_needs = (total - reached).astype(dtype) / jnp.maximum(prefix_rate, eps)
+        target = layout.merit(tolerance(states, scale_now))
         merit_rate = jnp.log(carry.past_merit[0] / merit) / window_size
         merit_rate = jnp.where(jnp.isfinite(merit_rate), merit_rate, 0)
         merit_needs = jnp.log(jnp.maximum(merit, target) / target) / jnp.maximum(
@@ -150,17 +237,32 @@ def iterate(
             # Without a fallback, stopping early only turns a possible success into
             # a certain failure.
             hopeless = jnp.array(False)
-        past_prefix = jnp.concatenate([carry.past_prefix[1:], prefix[None]])
+        past_prefix = jnp.concatenate([carry.past_prefix[1:], reached[None]])
         past_merit = jnp.concatenate([carry.past_merit[1:], merit[None]])
-        # Linearise at the accepted iterate only if there will be a next iteration:
-        # a rejected candidate, the last iterate and a hopeless one need none. (On
-        # Lorenz-63 this skips two of the three Jacobian evaluations.)
-        done = (prefix == length) & small_update
+        # Move on and linearise at the accepted iterate only if there will be a next
+        # iteration: a rejected candidate, the last iterate and a hopeless one need
+        # none. (On Lorenz-63 this skips two of the three Jacobian evaluations.)
+        done = offset + settled == total
         goes_on = accept & (iteration < cap) & ~done & ~hopeless
-        transition = jax.lax.cond(
-            goes_on,
-            lambda: method.linearise(step, layout.previous(init, states), xs)[1],
-            lambda: carry.transition,
+
+        def go_on():
+            sched, moved, shift = schedule.advance(carry.schedule, states, settled)
+            head, xs_now, scale_now = schedule.in_flight(sched, init, xs, scale)
+            f, transition = method.linearise(step, layout.previous(head, moved), xs_now)
+            if schedule.moves:
+                # New steps entered: their residuals (and the merit) are new.
+                measured = measure(moved, f, scale_now)
+            else:
+                measured = (residual, merit, prefix)
+            return (sched, moved, transition, *measured, settled - shift, shift)
+
+        def stop():
+            zero = jnp.asarray(0, jnp.int32)
+            kept = (carry.schedule, states, carry.transition, residual, merit)
+            return (*kept, prefix, settled, zero)
+
+        sched, states, transition, residual, merit, prefix, settled, shift = (
+            jax.lax.cond(goes_on, go_on, stop)
         )
         return _Carry(
             iteration=iteration,
@@ -169,7 +271,9 @@ def iterate(
             residual=residual,
             merit=merit,
             prefix=prefix,
-            small_update=small_update,
+            settled=settled,
+            schedule=sched,
+            advances=carry.advances + (shift > 0).astype(jnp.int32),
             policy=policy,
             past_prefix=past_prefix,
             past_merit=past_merit,
@@ -177,17 +281,21 @@ def iterate(
             hopeless=hopeless,
         )
 
-    f, transition = method.linearise(step, layout.previous(init, guess), xs)
-    residual, merit, prefix = measure(guess, f)
+    sched, states = schedule.start(init, guess)
+    head, xs_now, scale_now = schedule.in_flight(sched, init, xs, scale)
+    f, transition = method.linearise(step, layout.previous(head, states), xs_now)
+    residual, merit, prefix = measure(states, f, scale_now)
     carry = _Carry(
         iteration=count(0),
-        states=guess,
+        states=states,
         transition=transition,
         residual=residual,
         merit=merit,
         prefix=prefix,
-        # At least one iteration: convergence needs a small update too.
-        small_update=jnp.array(False),
+        # At least one iteration: a step is settled after a small update.
+        settled=count(0),
+        schedule=sched,
+        advances=count(0),
         policy=method.init_policy(length, dtype),
         past_prefix=jnp.broadcast_to(prefix, (window_size,)),
         past_merit=jnp.broadcast_to(merit, (window_size,)),
@@ -202,15 +310,19 @@ def iterate(
     # chaotic system: 1e-10 becomes 1e-3 over 20 Lorenz time units), so that the
     # fallback would not reproduce the sequential answer. Newton-type iterations
     # reach rounding level one iteration after tolerance, so this costs few extra
-    # sequential steps. The residuals of the last iterate are in the carry.
+    # sequential steps. The residuals of the last iterate are in the carry. (Steps
+    # that the schedule moved past were settled: their update was within tolerance
+    # too, so a Newton-type update made them exact to rounding.)
     exact = min(atol, 100 * eps) + min(rtol, 100 * eps) * jnp.abs(states)
     exact_prefix = jnp.minimum(
         layout.first_false(within(carry.residual, exact)), carry.prefix
     )
-    prefix = jnp.where(converged(carry), length, exact_prefix)
+    offset = schedule.offset(carry.schedule)
+    prefix = jnp.where(converged(carry), total, offset + exact_prefix)
     # A non-finite `init`: no iteration ran; every step is computed sequentially, as
     # `jax.lax.scan` would (the finite components of the state stay exact).
     prefix = jnp.where(init_finite, prefix, 0)
+    states = schedule.finish(carry.schedule, states)
 
     if method.fallback:
         # Exact sequential completion from the converged prefix; zero trips if none.
@@ -227,15 +339,15 @@ def iterate(
                 RESULTS.nonlinear_max_steps_reached,
             ),
         )
-        start = jnp.where(init_finite, length, 0)
+        start = jnp.where(init_finite, total, 0)
     states = layout.complete(step, init, xs, states, start)
     result = RESULTS.where(init_finite, result, RESULTS.nonfinite_input)
     stats = Stats(
         num_iterations=carry.iteration,
-        num_advances=count(1),
-        num_sequential_steps=(length - start).astype(jnp.int32),
+        num_advances=carry.advances + 1,
+        num_sequential_steps=(total - start).astype(jnp.int32),
         fallback_start=start.astype(jnp.int32),
-        length=length,
+        length=total,
         result=result,
     )
     return states, stats

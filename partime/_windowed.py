@@ -21,6 +21,7 @@ rematerialised so that the Jacobians are never stored for more than one block.
 """
 
 from collections.abc import Callable
+from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -28,9 +29,8 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, Int, PyTree
 
-from ._fallback import sequential_completion
 from ._layout import AbstractLayout, linear_tangent_solve, WholeSequence, zeros_for_none
-from ._loop import iterate, within
+from ._loop import AbstractSchedule, iterate
 from ._method.base import AbstractDampedMethod
 from ._stats import count, RESULTS, Stats
 
@@ -176,8 +176,66 @@ class Blocks(_AbstractWindowed):
         return jnp.concatenate(pieces) if len(pieces) > 1 else pieces[0], stats
 
 
+class _Sliding(AbstractSchedule):
+    """The schedule of the sliding window: `window` steps in flight, from `start`; after
+    every iteration the window moves on by its settled steps (never past the last
+    `window` steps). Its state is `(start, trajectory)`: the trajectory holds the
+    final steps before the window and the user's guess after it."""
+
+    length: int = eqx.field(static=True)
+    window: int = eqx.field(static=True)
+    guessed: bool = eqx.field(static=True)
+    moves: ClassVar[bool] = True
+
+    def iteration_cap(self, method):
+        # The method's cap on a window of `window` steps, for each of the windows
+        # that tile the sequence.
+        return -(-self.length // self.window) * method.iteration_cap(self.window)
+
+    def start(self, init, guess):
+        window, size = self.window, init.shape[0]
+        if guess is None:
+            # New steps enter at the far end from the window's last value.
+            return (count(0), jnp.zeros((self.length + window, size), init.dtype)), (
+                jnp.broadcast_to(init, (window, size))
+            )
+        # Padded by `window` steps, so that the fill after the window is one slice.
+        tail = jnp.broadcast_to(guess[-1], (window, size))
+        return (count(0), jnp.concatenate([guess, tail])), guess[:window]
+
+    def in_flight(self, state, init, xs, scale):
+        start, trajectory = state
+        head = jnp.where(start == 0, init, trajectory[jnp.maximum(start - 1, 0)])
+        if scale is not None:
+            scale = jax.lax.dynamic_slice_in_dim(scale, start, self.window)
+        return head, _slice(xs, start, self.window), scale
+
+    def offset(self, state):
+        return state[0]
+
+    def advance(self, state, states, settled):
+        start, trajectory = state
+        window = self.window
+        trajectory = jax.lax.dynamic_update_slice_in_dim(trajectory, states, start, 0)
+        shift = jnp.clip(settled, 0, self.length - window - start)
+        if self.guessed:
+            fill = jax.lax.dynamic_slice_in_dim(trajectory, start + window, window)
+        else:
+            fill = jnp.broadcast_to(states[-1], states.shape)
+        moved = jax.lax.dynamic_slice_in_dim(
+            jnp.concatenate([states, fill]), shift, window
+        )
+        return (start + shift, trajectory), moved, shift
+
+    def finish(self, state, states):
+        start, trajectory = state
+        trajectory = jax.lax.dynamic_update_slice_in_dim(trajectory, states, start, 0)
+        return trajectory[: self.length]
+
+
 class SlidingWindow(_AbstractWindowed):
-    """The ParaDiGMS sliding window of `window` steps."""
+    """The ParaDiGMS sliding window of `window` steps: the one loop, on the steps in
+    the window, moving it on past the steps that have settled."""
 
     length: int = eqx.field(static=True)
     window: int = eqx.field(static=True)
@@ -196,178 +254,8 @@ class SlidingWindow(_AbstractWindowed):
         return None
 
     def forward(self, step, init, xs, guess, scale, method):
-        return _sliding_forward(
-            step,
-            init,
-            xs,
-            guess,
-            scale,
-            method=method,
-            window=self.window,
-            length=self.length,
+        window = min(self.window, self.length)
+        schedule = _Sliding(self.length, window, guess is not None)
+        return iterate(
+            step, init, xs, guess, method, WholeSequence(window), schedule, scale
         )
-
-
-def _sliding_forward(step, init, xs, guess, scale, *, method, window, length):
-    size = init.shape[0]
-    rtol, atol = method.tolerances(init.dtype)
-    # A step that has been iterated this often without being accepted means the
-    # window is making too little progress: the fallback finishes the window. At most
-    # `window - 1`: a step takes that long to reach the front when the window only
-    # ever advances by its exact front step, which is sequential stepping at
-    # `window` times the work.
-    cap = max(min(method.iteration_cap(window), window - 1), 1)
-    # Every window has `window` steps. Near the end, where fewer remain, the window
-    # holds the last `window` inputs rotated so that step `pos` comes first: the
-    # entries past the end are never accepted nor updated (so they cannot become
-    # non-finite and spill into the scan), and nothing of size `T` is copied.
-    if guess is not None:
-        guess = jnp.concatenate(
-            [guess, jnp.broadcast_to(guess[-1], (2 * window, size))]
-        )
-        first_window = guess[:window]
-    else:
-        first_window = jnp.broadcast_to(init, (window, size))
-    index = jnp.arange(window, dtype=jnp.int32)
-    init_finite = jnp.all(jnp.isfinite(init))
-
-    def cond_fun(carry):
-        pos, stopped = carry[0], carry[1]
-        return (pos < length) & ~stopped & init_finite
-
-    def body_fun(carry):
-        (pos, _, it, advances, seq, fb_start, _, head, iterate, entered, buf) = carry
-        start = jnp.minimum(pos, length - window)
-        offset = pos - start
-        xs_window = jtu.tree_map(
-            lambda a: jnp.roll(a, -offset, axis=0), _slice(xs, start, window)
-        )
-        valid = index < length - pos
-        num_valid = jnp.minimum(window, length - pos)
-
-        prev = jnp.concatenate([head[None], iterate[:-1]])
-        f, transition = method.linearise(step, prev, xs_window)
-        residual = iterate - f
-        delta = transition.solve(-residual)
-        scale_window = jnp.roll(
-            jax.lax.dynamic_slice_in_dim(scale, start, window), -offset
-        )
-        tol = scale_window[:, None] * (atol + rtol * jnp.abs(iterate))
-        # The leading steps whose residual and update are within tolerance (the
-        # meaning of `rtol`, `atol` on every layout) are final: each one's
-        # predecessor is final too (the first one's is `head`).
-        ok = within(residual, tol) & within(delta, tol) & valid
-        converged = jnp.sum(jnp.cumprod(ok.astype(jnp.int32)), dtype=jnp.int32)
-        # The accepted steps take this update too: for Newton it squares their error
-        # (for Jacobi it is one more sweep), for the others it moves them by at most
-        # the tolerance.
-        new = jnp.where(valid[:, None], iterate + delta, iterate)
-        # The front step's predecessor is final, so its update is exact: the window
-        # always advances by at least that step.
-        new = new.at[0].set(f[0])
-        accepted = jnp.maximum(converged, 1)
-
-        first_open = jnp.minimum(accepted, window - 1)
-        slow = (accepted < num_valid) & (it + 1 - entered[first_open] >= cap)
-        finite = jnp.all(jnp.isfinite(new), axis=-1)
-        diverged = ~jnp.all(finite)
-        failed = slow | diverged
-        # As in the loop: past its first non-finite step, the iterate continues the
-        # last finite state as a constant, so that it is never NaN. (The accepted
-        # steps are final, whatever their value.)
-        first_bad = jnp.sum(jnp.cumprod(finite.astype(jnp.int32)), dtype=jnp.int32)
-        cut = jnp.maximum(first_bad, accepted)
-        new = jnp.where((index >= cut)[:, None], new[cut - 1], new)
-        if method.fallback:
-            # Exact sequential completion of the window from its converged prefix;
-            # a loop of zero trips unless the window failed (not a `cond`, which
-            # becomes a `select` under `vmap` and would always pay for it).
-            end = jnp.where(failed, num_valid, accepted)
-
-            def fallback_body(c):
-                j, new = c
-                p = jnp.where(j == 0, head, new[jnp.maximum(j - 1, 0)])
-                return j + 1, new.at[j].set(step(p, _index(xs_window, j)))
-
-            _, new = jax.lax.while_loop(
-                lambda c: c[0] < end, fallback_body, (accepted, new)
-            )
-            advance = end
-            stopped = jnp.array(False)
-            seq = seq + end - accepted
-            fb_start = jnp.where(
-                failed & (fb_start == length), pos + accepted, fb_start
-            )
-        else:
-            advance = accepted
-            stopped = failed
-        result = RESULTS.where(
-            ~stopped,
-            RESULTS.successful,
-            RESULTS.where(
-                diverged,
-                RESULTS.nonlinear_divergence,
-                RESULTS.nonlinear_max_steps_reached,
-            ),
-        )
-
-        old = jax.lax.dynamic_slice_in_dim(buf, start, window)
-        merged = jnp.where((index < offset)[:, None], old, jnp.roll(new, offset, 0))
-        buf = jax.lax.dynamic_update_slice_in_dim(buf, merged, start, axis=0)
-        head = jnp.where(advance > 0, new[jnp.maximum(advance - 1, 0)], head)
-        # The rest of this iterate is the next guess; new steps enter at the far end,
-        # from the user's guess or, by default, the window's last value.
-        if guess is None:
-            fill = jnp.broadcast_to(new[-1], (window, size))
-        else:
-            fill = jax.lax.dynamic_slice_in_dim(guess, pos + window, window)
-        iterate = jax.lax.dynamic_slice_in_dim(
-            jnp.concatenate([new, fill]), advance, window
-        )
-        entered = jax.lax.dynamic_slice_in_dim(
-            jnp.concatenate([entered, jnp.full(window, it + 1, jnp.int32)]),
-            advance,
-            window,
-        )
-        return (
-            pos + advance,
-            stopped,
-            it + 1,
-            advances + (advance > 0).astype(jnp.int32),
-            seq,
-            fb_start,
-            result,
-            head,
-            iterate,
-            entered,
-            buf,
-        )
-
-    zero = count(0)
-    carry = (
-        zero,
-        jnp.array(False),
-        zero,
-        zero,
-        zero,
-        count(length),
-        RESULTS.successful,
-        init,
-        first_window,
-        jnp.zeros(window, jnp.int32),
-        jnp.zeros((length, size), init.dtype),
-    )
-    carry = jax.lax.while_loop(cond_fun, body_fun, carry)
-    _, _, it, advances, seq, fb_start, result, _, _, _, buf = carry
-    # A non-finite `init`: every step sequentially, as `jax.lax.scan` would.
-    start = jnp.where(init_finite, length, 0)
-    buf = sequential_completion(step, init, xs, buf, start)
-    stats = Stats(
-        num_iterations=it,
-        num_advances=advances,
-        num_sequential_steps=jnp.where(init_finite, seq, length).astype(jnp.int32),
-        fallback_start=jnp.where(init_finite, fb_start, 0).astype(jnp.int32),
-        length=length,
-        result=RESULTS.where(init_finite, result, RESULTS.nonfinite_input),
-    )
-    return buf, stats

@@ -9,7 +9,7 @@ import pytest
 
 import partime
 
-from .helpers import every_method, layouts, max_rel_error, problems
+from .helpers import _lorenz, _rk4, every_method, layouts, max_rel_error, problems
 
 
 # Every problem with Newton and ELK; every method on the two RNNs (the other
@@ -160,3 +160,46 @@ def test_overflowing_iterates_without_fallback_stay_finite(layout):
     assert _is_finite(out)
     if stats.result == partime.RESULTS.successful:
         assert max_rel_error(out, jax.lax.scan(f, init, length=48)) < 1e-8
+
+
+def test_sliding_window_runs_the_one_loop():
+    """The sliding window is the one loop over the steps in flight: a window as long
+    as the sequence is the whole-sequence solve, iteration for iteration; on a shorter
+    one, the hopeless-case stop ends chaotic Lorenz (20 time units) well before the
+    cap, exactly by the fallback, and the trust region in time converges the unstable
+    RNN (whose first undamped update overflows) exactly, finite, without it."""
+    lorenz = _rk4(_lorenz, 0.01)
+    f, init, xs = problems["rnn-unstable"]
+    cases = {
+        "lorenz": (lorenz, jnp.ones(3), jnp.arange(2000, dtype=float) * 0.01, 500),
+        "rnn-unstable": (f, init, jnp.tile(xs, (8, 1)), 128),
+    }
+    for name, (f, init, xs, window) in cases.items():
+        length = xs.shape[0]
+
+        @jax.jit
+        def solve(init, xs, f=f, window=window, length=length):
+            kw = dict(return_stats=True)
+            return (
+                jax.lax.scan(f, init, xs),
+                partime.scan(f, init, xs, **kw),
+                partime.scan(f, init, xs, window=length, **kw),
+                partime.scan(f, init, xs, window=window, **kw),
+            )
+
+        expected, (*_, whole), (*long, one_window), (*out, sliding) = solve(init, xs)
+        for field in ("num_iterations", "num_sequential_steps", "fallback_start"):
+            assert int(getattr(one_window, field)) == int(getattr(whole, field))
+        assert max_rel_error(long, expected) < 1e-8, name
+        assert _is_finite(out), name
+        assert sliding.result == partime.RESULTS.successful, name
+        assert max_rel_error(out, expected) < 1e-8, name
+        cap = -(-length // window) * partime.Newton().iteration_cap(window)
+        if name == "lorenz":
+            assert sliding.fell_back
+            assert int(sliding.num_iterations) < cap
+            # Windows of 5 time units converge where the whole sequence cannot.
+            assert int(sliding.fallback_start) > window
+        else:
+            assert not sliding.fell_back
+            assert int(sliding.num_iterations) < cap
