@@ -22,8 +22,7 @@ import numpy as np
 from jax.sharding import Mesh
 from jaxtyping import Array, ArrayLike, Float, Int, PyTree
 
-from ._layout import AbstractLayout, shift, WholeSequence, zeros_for_none
-from ._matrix_free import implicit_tangent_solve
+from ._layout import AbstractLayout, shift, WholeSequence
 from ._method.base import AbstractMethod
 from ._sharded_fixed_point import previous_states, Sharded
 from ._stats import count, raise_if_failed, RESULTS, Stats
@@ -138,25 +137,6 @@ def previous(
     return previous_states(init, states, mesh=mesh, axis_name=axis_name)
 
 
-def _whole_sequence_tangent_solve(step, init, xs, states, tangents, method):
-    """The implicit derivative on one device: the right-hand side is how `f_t` moves
-    with `(s_0, x_t, θ)` at the solution, the previous states held fixed (their
-    motion is what `L` accounts for); then the method's own solve of `L ṡ = rhs`
-    (`partime._matrix_free`: matrix-free, `O(T d)`, unless the method's transition
-    is dense)."""
-    primals = (step, init, xs)
-    tangents = jtu.tree_map(
-        zeros_for_none, primals, tangents, is_leaf=lambda x: x is None
-    )
-    prev = shift(init, states)
-    _, rhs = eqx.filter_jvp(
-        lambda step, init, xs: jax.vmap(step)(shift(init, states), xs),
-        primals,
-        tangents,
-    )
-    return implicit_tangent_solve(step, prev, xs, rhs, method)
-
-
 @eqx.filter_custom_jvp
 def _solve(step, init, xs, guess, scale, *, method, layout):
     guess = jax.lax.stop_gradient(guess)
@@ -174,12 +154,9 @@ def _solve_jvp(primals, tangents, *, method, layout):
     step, init, xs, guess, scale = primals
     t_step, t_init, t_xs, _, _ = tangents
     states, stats = _solve(step, init, xs, guess, scale, method=method, layout=layout)
-    if isinstance(layout, WholeSequence):
-        t_states = _whole_sequence_tangent_solve(
-            step, init, xs, states, (t_step, t_init, t_xs), method
-        )
-    else:
-        t_states = layout.tangent_solve(step, init, xs, states, (t_step, t_init, t_xs))
+    t_states = layout.tangent_solve(
+        step, init, xs, states, (t_step, t_init, t_xs), method
+    )
     t_stats = jtu.tree_map(lambda _: None, stats)
     return (states, stats), (t_states, t_stats)
 
@@ -226,10 +203,11 @@ def fixed_point_solve(
 
     Differentiable (forward and reverse mode) with respect to `init`, the floating
     leaves of `xs`, and arrays closed over by `step`, by implicit differentiation.
-    On the whole sequence the derivative's linear system is solved like the forward
-    problem: with dense Jacobians by Newton and ELK, matrix-free (`O(T d)` memory:
-    Jacobian-vector or vector-Jacobian products of `step`, the method's transition as
-    preconditioner, exact sequential pass if it does not converge) by the others.
+    On one device (whole sequence or windows) the derivative's linear system is
+    solved like the forward problem: with dense Jacobians by Newton and ELK,
+    matrix-free (`O(T d)` memory: Jacobian-vector or vector-Jacobian products of
+    `step`, the method's transition as preconditioner, exact sequential pass if it
+    does not converge) by the others. On a mesh, with dense Jacobians.
 
     **Safeguards.** Every iteration is checked, for every method:
 
@@ -277,9 +255,9 @@ def fixed_point_solve(
         steps that, after every iteration, moves forward past its leading steps whose
         residual and update are within tolerance, keeping the rest of its iterate as
         the next guess. The front step is exact after one iteration, so the window
-        always advances. A step that stays in the window for `max_iters` (or `W - 1`)
-        iterations, or a non-finite iterate, makes the window fail: with
-        `fallback=True` the rest of it is computed sequentially. Undamped methods
+        always advances. It runs the same loop as the whole sequence (trust region in
+        time, hopeless-case stop, fallback from the prefix exact to rounding); the
+        cap is the method's cap for `W` steps times `ceil(T / W)`. Undamped methods
         only (a damped method is refused at trace time: use `schedule="blocks"`).
     - `tolerance_scale` (sliding only): positive factors, a scalar or shape `(T,)`,
         that scale the tolerance step by step. A scale above 1 trades accuracy for
@@ -287,8 +265,8 @@ def fixed_point_solve(
         diffusion sampler with noise `σ_t`), not for a deterministic or chaotic
         recurrence whose trajectory matters.
 
-    Derivatives are windowed too: one parallel linear solve per block of `W` steps,
-    with dense Jacobians for every method (`O(W d²)`), recomputed in reverse mode
+    Derivatives are windowed too: one linear solve per block of `W` steps (dense,
+    `O(W d²)`, for Newton; matrix-free for the others), recomputed in reverse mode
     rather than stored.
 
     **Meshes.** With `mesh=`, device `p` of `P` holds steps `pT/P + 1 .. (p+1)T/P`

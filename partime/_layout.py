@@ -27,8 +27,9 @@ from jaxtyping import Array, Bool, Float, Int, PyTree
 
 from ._fallback import sequential_completion
 from ._kalman import damped_solve
-from ._lds import AbstractTransition, DenseTransition
+from ._lds import AbstractTransition
 from ._loop import iterate
+from ._matrix_free import implicit_tangent_solve
 from ._method.base import AbstractMethod
 from ._operator import BidiagonalOperator
 from ._stats import Stats
@@ -75,8 +76,10 @@ class AbstractLayout(eqx.Module):
         xs: PyTree,
         states: Float[Array, "T d"],
         tangents: tuple[Any, Any, Any],
+        method: AbstractMethod,
     ) -> Float[Array, "T d"]:
-        """`ṡ` from `L ṡ = ∂f/∂(s_0, x, θ)·(ṡ_0, ẋ, θ̇)` at the solution `states`."""
+        """`ṡ` from `L ṡ = ∂f/∂(s_0, x, θ)·(ṡ_0, ẋ, θ̇)` at the solution `states`,
+        solved as `method` solves (dense or matrix-free)."""
 
     def previous(self, init: Float[Array, " d"], states: Float[Array, "T d"]) -> Array:
         """`s_0, ..., s_{T-1}`."""
@@ -92,18 +95,15 @@ class AbstractLayout(eqx.Module):
         return jnp.broadcast_to(init, (self.length, init.shape[0]))
 
 
-def linear_tangent_solve(step, init, xs, states, tangents):
+def linear_tangent_solve(step, init, xs, states, tangents, method):
     """The implicit derivative on one device: the right-hand side is how `f_t` moves
     with `(s_0, x_t, θ)` at the solution, the previous states held fixed (their
-    motion is what `L` accounts for); then one parallel scan.
+    motion is what `L` accounts for); then the method's own solve of `L ṡ = rhs`
+    (`partime._matrix_free`: one dense scan for Newton and ELK, matrix-free, `O(T d)`,
+    for the others).
 
     No `stop_gradient` on the solution or the Jacobians: differentiating this rule
     again (second derivatives) must see how they move.
-
-    The solve is `jax.lax.custom_linear_solve` with the scan and its transpose (the
-    reverse scan), not `lineax.linear_solve`: lineax's transpose rule checks its
-    solution on the host and raises when it is not finite, so the gradient of a solve
-    that overflowed would be an error instead of non-finite, as diffrax's is.
     """
     primals = (step, init, xs)
     tangents = jtu.tree_map(
@@ -114,14 +114,7 @@ def linear_tangent_solve(step, init, xs, states, tangents):
         primals,
         tangents,
     )
-    jacobians = jax.vmap(jax.jacfwd(step))(shift(init, states), xs)
-    operator = BidiagonalOperator(DenseTransition(jacobians))
-    return jax.lax.custom_linear_solve(
-        operator.mv,
-        rhs,
-        solve=lambda _, b: operator.solve(b),
-        transpose_solve=lambda _, b: operator.transpose().solve(b),
-    )
+    return implicit_tangent_solve(step, shift(init, states), xs, rhs, method)
 
 
 class WholeSequence(AbstractLayout):
@@ -174,5 +167,5 @@ class WholeSequence(AbstractLayout):
         del scale
         return iterate(step, init, xs, guess, method, self)
 
-    def tangent_solve(self, step, init, xs, states, tangents):
-        return linear_tangent_solve(step, init, xs, states, tangents)
+    def tangent_solve(self, step, init, xs, states, tangents, method):
+        return linear_tangent_solve(step, init, xs, states, tangents, method)

@@ -37,9 +37,9 @@ class Stats(eqx.Module):
     - `num_iterations`: parallel iterations taken, summed over all windows. For the
         sliding window this is the depth of the computation: each iteration is one
         parallel evaluation of `W` steps.
-    - `num_advances`: how often the window moved: 1 for a whole sequence, the number
-        of blocks for `schedule="blocks"`, the number of iterations after which the
-        sliding window moved forward for `schedule="sliding"`.
+    - `num_advances`: how many windows were solved: 1 for a whole sequence, the
+        number of blocks for `schedule="blocks"`, and for `schedule="sliding"` the
+        number of times the window moved forward, plus 1 for its last position.
     - `num_sequential_steps`: steps computed by the exact sequential fallback.
     - `fallback_start`: index of the first step that the fallback computed; equal to
         the sequence length when no fallback ran.

@@ -80,7 +80,7 @@ class _AbstractWindowed(AbstractLayout):
     length: eqx.AbstractVar[int]
     window: eqx.AbstractVar[int]
 
-    def tangent_solve(self, step, init, xs, states, tangents):
+    def tangent_solve(self, step, init, xs, states, tangents, method):
         """The whole-sequence tangent solve, `window` steps at a time, each block's
         first step fed by the previous block's last tangent."""
         window, length = self.window, self.length
@@ -103,7 +103,12 @@ class _AbstractWindowed(AbstractLayout):
         def block(t_in, inputs):
             block_init, (block_states, xs_block, t_xs_block) = inputs
             t_states = linear_tangent_solve(
-                step, block_init, xs_block, block_states, (t_step, t_in, t_xs_block)
+                step,
+                block_init,
+                xs_block,
+                block_states,
+                (t_step, t_in, t_xs_block),
+                method,
             )
             return t_states[-1], t_states
 
