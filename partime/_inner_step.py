@@ -138,11 +138,24 @@ def coarse_guess(inner_step, interpolation_cls, ravel, y0_flat, ts, coarse_ts):
     return jax.vmap(evaluate)(ts[1:], index)
 
 
+def no_gradient(tree):
+    """`tree` with a `stop_gradient` on every floating-point array: for the first
+    guess, through which no gradient flows, so that none of it is differentiated."""
+    return jtu.tree_map(
+        lambda x: jax.lax.stop_gradient(x) if eqx.is_inexact_array(x) else x, tree
+    )
+
+
 def best_guess(flat_step, y0_flat, xs, candidates):
     """Of the constant guess `y0` and the `candidates`, the one whose largest
-    residual over the window is smallest (non-finite ones never win): a coarse step
-    may be unstable where the inner step is not, and a stale trajectory may fit
-    worse than the constant."""
+    residual over the window is smallest (non-finite ones never win; ties go to the
+    earliest): a coarse step may be unstable where the inner step is not, and a stale
+    trajectory may fit worse than the constant. All are evaluated in one vectorised
+    pass, so that the program holds one copy of the step."""
+
+    flat_step, y0_flat, xs, candidates = no_gradient(
+        (flat_step, y0_flat, xs, candidates)
+    )
 
     def max_residual(guess):
         prev = jnp.concatenate([y0_flat[None], guess[:-1]])
@@ -151,11 +164,6 @@ def best_guess(flat_step, y0_flat, xs, candidates):
             jnp.all(jnp.isfinite(residual)), jnp.max(jnp.abs(residual)), jnp.inf
         )
 
-    best = jnp.broadcast_to(y0_flat, (xs[0].shape[0],) + y0_flat.shape)
-    best_residual = max_residual(best)
-    for candidate in candidates:
-        residual = max_residual(candidate)
-        better = residual < best_residual
-        best = jnp.where(better, candidate, best)
-        best_residual = jnp.where(better, residual, best_residual)
-    return jax.lax.stop_gradient(best)
+    constant = jnp.broadcast_to(y0_flat, (xs[0].shape[0],) + y0_flat.shape)
+    guesses = jnp.stack([constant, *candidates])
+    return guesses[jnp.argmin(jax.vmap(max_residual)(guesses))]

@@ -24,6 +24,7 @@ from ._inner_step import (
     best_guess,
     coarse_guess,
     flat_step as make_flat_step,
+    no_gradient,
     with_bounded_scan,
     with_portable_lu,
 )
@@ -438,7 +439,7 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
         )
         xs = (ts[:-1], ts[1:], increments)
 
-        def make_inner_step(make_terms):
+        def make_inner_step(make_terms, args):
             def inner_step(y_flat, x):
                 ta, tb, step_increments = x
                 step_terms = make_terms(step_increments)
@@ -448,22 +449,32 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
 
             return inner_step
 
-        inner_step = make_inner_step(make_terms)
-        flat_step = make_flat_step(solver, make_terms, args, flattener)
+        inner_step = make_inner_step(make_terms, args)
+        # Traced once here: every later use (first guess, the iteration, its
+        # linearisation, the fallback, the derivative) replays this jaxpr instead of
+        # calling the user's vector field again.
+        flat_step = eqx.filter_closure_convert(
+            make_flat_step(solver, make_terms, args, flattener),
+            y0_flat,
+            jtu.tree_map(lambda a: a[0], xs),
+        )
         candidates = []
         if self.coarse_steps != 0:
             # The coarse steps take the terms as they are: for an SDE, the Brownian
             # motion over each long step.
-            coarse_inner_step = make_inner_step(lambda _: terms)
+            # No gradient flows through a first guess: cut it at the inputs, so
+            # that no derivative of the coarse steps is ever traced.
+            coarse_terms, coarse_args = no_gradient((terms, args))
+            coarse_inner_step = make_inner_step(lambda _: coarse_terms, coarse_args)
             coarse_ts = inner_grid(t0, t1, self._num_coarse_steps)
             candidates.append(
                 coarse_guess(
                     lambda y, x: coarse_inner_step(y, (*x, ())),
                     solver.interpolation_cls,
                     ravel,
-                    y0_flat,
-                    ts,
-                    coarse_ts,
+                    no_gradient(y0_flat),
+                    no_gradient(ts),
+                    no_gradient(coarse_ts),
                 )
             )
         if self.guess is not None:
