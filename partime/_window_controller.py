@@ -106,7 +106,9 @@ class WindowController(diffrax.AbstractStepSizeController[WindowState, Any]):
         return super().__new__(_AdaptiveWindowController if adaptive else cls)
 
     def __init__(self, controller: diffrax.AbstractStepSizeController | None = None):
-        self.controller = diffrax.ConstantStepSize() if controller is None else controller
+        self.controller = (
+            diffrax.ConstantStepSize() if controller is None else controller
+        )
 
     def __check_init__(self):
         controller = self.controller

@@ -73,9 +73,16 @@ def _one_window(t0, t1, y0):
         max_steps=NUM_STEPS + 1,
     )
     ok = lambda s: s.result == diffrax.RESULTS.successful
-    return ok(sol), sol.stats["num_steps"], sol.ts[-1], sol.ys[-1], ok(plain), (
-        sequential.stats["num_steps"],
-        sequential.ys[-1],
+    return (
+        ok(sol),
+        sol.stats["num_steps"],
+        sol.ts[-1],
+        sol.ys[-1],
+        ok(plain),
+        (
+            sequential.stats["num_steps"],
+            sequential.ys[-1],
+        ),
     )
 
 
