@@ -208,3 +208,14 @@ class _AdaptiveWindowController(
     @property
     def norm(self):  # pyright: ignore[reportIncompatibleVariableOverride]
         return self.controller.norm
+
+
+WindowController.__init__.__doc__ = """**Arguments:**
+
+- `controller`: the step size controller of the inner steps:
+    `diffrax.ConstantStepSize()` (the default: the inner step is at most `dt0`) or
+    an adaptive one such as `diffrax.PIDController(rtol=..., atol=...)`, whose
+    `dt0` (or `dt0=None`), `dtmin`, `dtmax` and tolerances then apply to the inner
+    steps. `diffrax.StepTo` (whose `ts` set the windows of a plain
+    `ParallelSolver`) and `diffrax.ClipStepSizeController` are refused.
+"""

@@ -135,6 +135,40 @@ def test_constant_gradients():
     assert float(jnp.abs(seq_t1)) > 1e-3  # a real dependence on t1
 
 
+def test_rejected_windows():
+    """A first inner step far too large for the tolerance: the window is rejected and
+    retried from the same start with the smaller step the controller proposes; only
+    accepted windows make the grid, and the result is the sequential solve's on it."""
+    num_steps = 8
+    controller = diffrax.PIDController(rtol=1e-8, atol=1e-8)
+
+    @jax.jit
+    def solve():
+        return diffrax.diffeqsolve(
+            diffrax.ODETerm(_decay),
+            partime.ParallelSolver(diffrax.Tsit5(), num_steps=num_steps),
+            0.0,
+            3.0,
+            0.5,
+            _Y0,
+            args=_ARGS,
+            stepsize_controller=partime.WindowController(controller),
+            saveat=diffrax.SaveAt(steps=True),
+            max_steps=64,
+        )
+
+    sol = solve()
+    assert int(sol.stats["num_rejected_steps"]) >= 1
+    ends = _window_ends(sol)
+    assert len(ends) == int(sol.stats["num_accepted_steps"])
+    assert ends[-1] == 3.0
+    grid = _inner_grid(0.0, ends, num_steps)
+    assert np.all(np.diff(grid) < 0.5)
+    reference = _sequential_on(diffrax.ODETerm(_decay), grid, _Y0, _ARGS)
+    ys = sol.ys[len(ends) - 1]
+    np.testing.assert_allclose(ys, reference, rtol=1e-10, atol=1e-12)
+
+
 # diffrax's "nonlinear heat PDE" example, small: y_t = (1 - y) y_xx on [-1, 1],
 # y(0, x) = x², Dirichlet ends; Tsit5, dt0 = 1e-4 and
 # `PIDController(pcoeff=0.3, icoeff=0.4, rtol=1e-10, atol=1e-10, dtmax=1e-3)`.
