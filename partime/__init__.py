@@ -28,6 +28,10 @@ from ._solver import (
     ParallelSolverState as ParallelSolverState,
 )
 from ._stats import RESULTS as RESULTS, Stats as Stats
+from ._window_controller import (
+    WindowController as WindowController,
+    WindowState as WindowState,
+)
 
 
 try:

@@ -213,7 +213,12 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
         parallel window, which is usually what you want. Passing the fine step you
         would give a sequential solver as `dt0` instead makes every one of those steps
         a window of `num_steps` substeps: `num_steps` times more work, solved window
-        after window, with little parallelism. Likewise `max_steps` counts windows.
+        after window, with little parallelism. Likewise `max_steps` counts windows,
+        and a step size controller's `dtmin`, `dtmax` bound windows. To keep `dt0`
+        and the controller about the inner steps, wrap the controller in a
+        [`partime.WindowController`][], which chooses the windows (and ends the
+        last one at `t1` exactly: in float32, `t0 + (t1 - t0)` can round one ulp
+        below `t1`, and the plain one-window recipe then takes a second window).
 
     **Output and statistics.**
 
