@@ -1,5 +1,7 @@
+import functools
 import math
 import sys
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -10,7 +12,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 
 # Private: `use_stepsize_tol` only to recognise an implicit inner solver whose
-# root-finder tolerances are left to a step size controller, as `diffeqsolve` does;
+# root-finder tolerances were left to a step size controller and never filled in;
 # `AdjointTerm` only to reject `BacksolveAdjoint`.
 from diffrax._root_finder import use_stepsize_tol
 from diffrax._term import AdjointTerm
@@ -120,19 +122,6 @@ def _check_inner_solver(solver: Any) -> None:
             "brownian_motion))` and use an SRK solver such as `diffrax.ShARK()` or "
             "`diffrax.SEA()` inside `ParallelSolver`."
         )
-    if issubclass(type(solver), diffrax.AbstractImplicitSolver) and any(
-        getattr(solver.root_finder, name, None) is use_stepsize_tol
-        for name in ("rtol", "atol", "norm")
-    ):
-        # As `diffeqsolve` with a constant step size: `ParallelSolver` is not an
-        # implicit solver itself, so diffrax never fills these in from a controller.
-        raise ValueError(
-            "`partime.ParallelSolver`: the tolerances for the implicit solver have "
-            "not been specified. Give the inner solver a root finder with explicit "
-            "tolerances, e.g. `diffrax.Kvaerno5(root_finder=diffrax.VeryChord("
-            "rtol=1e-8, atol=1e-8))`; its root finds should be at least as accurate "
-            "as the fixed-point iteration's tolerances."
-        )
     if isinstance(solver, (diffrax.ReversibleHeun, diffrax.LeapfrogMidpoint)):
         raise ValueError(
             f"`{type(solver).__name__}` carries information from step to step besides "
@@ -141,10 +130,50 @@ def _check_inner_solver(solver: Any) -> None:
         )
 
 
+def _check_root_finder_tolerances(solver: Any) -> None:
+    """An implicit inner solver whose root finder still waits for tolerances from a
+    step size controller: `diffeqsolve` fills them from an adaptive controller (as
+    for the inner solver itself, `ParallelSolver` carries its implicit marker) and
+    refuses a constant step size with its own error; this catches the rest (a
+    `ParallelSolver` stepped outside `diffeqsolve`)."""
+    root_finder = getattr(solver, "root_finder", None)
+    if any(
+        getattr(root_finder, name, None) is use_stepsize_tol
+        for name in ("rtol", "atol", "norm")
+    ):
+        raise ValueError(
+            "`partime.ParallelSolver`: the tolerances for the implicit solver have "
+            "not been specified. Use an adaptive step size controller (its `rtol` "
+            "and `atol` are then the root finder's, as in diffrax), or give the "
+            "inner solver a root finder with explicit tolerances, e.g. "
+            "`diffrax.Kvaerno5(root_finder=diffrax.VeryChord(rtol=1e-8, "
+            "atol=1e-8))`."
+        )
+
+
+# The markers diffrax tests with `isinstance` on the solver: Itô or Stratonovich
+# (which SDE it solves) and implicit (`diffeqsolve` then fills the root finder's
+# tolerances from an adaptive step size controller).
+_MARKERS = (
+    diffrax.AbstractItoSolver,
+    diffrax.AbstractStratonovichSolver,
+    diffrax.AbstractImplicitSolver,
+)
+
+
 def _marked_class(solver: Any) -> type["ParallelSolver"]:
-    ito = isinstance(solver, diffrax.AbstractItoSolver)
-    stratonovich = isinstance(solver, diffrax.AbstractStratonovichSolver)
-    return _MARKED_CLASSES[ito, stratonovich]
+    # `type(...)`, not `isinstance`: diffrax forwards `isinstance` through wrappers,
+    # which have no `root_finder` of their own.
+    markers = tuple(
+        marker
+        for marker in _MARKERS
+        if isinstance(solver, marker)
+        and (
+            marker is not diffrax.AbstractImplicitSolver
+            or issubclass(type(solver), marker)
+        )
+    )
+    return _marked_subclass(markers)
 
 
 class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
@@ -282,18 +311,24 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
         `Kvaerno4`, `Kvaerno5`, ... Each inner step runs the solver's own root finder
         (the inner solver as a black box), and the iteration's transition is the
         Jacobian of the whole inner step, through the root find by implicit
-        differentiation. The root finder needs explicit tolerances (diffrax
-        leaves the defaults to an adaptive step size controller, which never sees
-        the inner steps; as `diffeqsolve` with a constant step size, they are
-        refused), e.g. `diffrax.Kvaerno5(root_finder=optimistix.Newton(rtol=1e-10,
-        atol=1e-10))`; give a sequential solve the same root finder to compare. A
+        differentiation. As in diffrax, the root finder takes its tolerances from
+        an adaptive step size controller (`PIDController(rtol, atol)`) unless it has
+        its own, e.g. `diffrax.Kvaerno5(root_finder=optimistix.Newton(rtol=1e-10,
+        atol=1e-10))`; with a constant step size it must have its own. The
+        fixed-point iteration solves to about 100 ulps: root finds much looser than
+        that make each inner step a slightly ragged function of its start, which
+        can cost iterations; give a sequential solve the same root finder to
+        compare. A
         root finder that factorises with LU (lineax's default) gets one written in
         plain JAX operations: batched LAPACK LU over the inner steps can deadlock
         XLA:CPU. IMEX solvers (`KenCarp4`, ...) are not supported yet.
 
-    `ParallelSolver` carries the Itô/Stratonovich marker of its inner solver, so
-    `isinstance(solver, diffrax.AbstractItoSolver)` answers as the inner solver does.
-    (Instances are of a small subclass of `ParallelSolver` for each marker.)
+    `ParallelSolver` carries the Itô/Stratonovich and implicit markers of its inner
+    solver, so `isinstance(solver, diffrax.AbstractItoSolver)` answers as the inner
+    solver does, and `diffeqsolve` fills in an implicit inner solver's root-finder
+    tolerances from an adaptive step size controller (and refuses a constant step
+    size without them) as it would for the inner solver itself. (Instances are of a
+    small subclass of `ParallelSolver` for each set of markers.)
 
     ??? cite "References"
 
@@ -434,6 +469,7 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
         # solvers recompute their first stage and a jump at `t0` needs no special care.
         del made_jump
         _check_terms(terms)
+        _check_root_finder_tolerances(self.solver)
         flattener = Flattener(y0)
         ravel, unravel = flattener.ravel, flattener.unravel
         y0_flat = ravel(y0)
@@ -534,26 +570,34 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
         return self.solver.func(terms, t0, y0, args)
 
 
-class _ItoParallelSolver(ParallelSolver, diffrax.AbstractItoSolver):
-    pass
+class _ImplicitParallelSolver(ParallelSolver):
+    """The implicit marker's interface: the inner solver's root finder, so that
+    `diffeqsolve` can fill in its tolerances as for the inner solver itself."""
+
+    @property
+    def root_finder(self):
+        return self.solver.root_finder
+
+    @property
+    def root_find_max_steps(self):
+        return self.solver.root_find_max_steps
 
 
-class _StratonovichParallelSolver(ParallelSolver, diffrax.AbstractStratonovichSolver):
-    pass
+@functools.cache
+def _marked_subclass(markers: tuple[type, ...]) -> type[ParallelSolver]:
+    """The subclass of `ParallelSolver` that carries exactly `markers`."""
+    if not markers:
+        return ParallelSolver
+    implicit = diffrax.AbstractImplicitSolver in markers
+    base = _ImplicitParallelSolver if implicit else ParallelSolver
+    name = "".join(
+        m.__name__.removeprefix("Abstract").removesuffix("Solver") for m in markers
+    )
+    cls = types.new_class(f"_{name}ParallelSolver", (base, *markers))
+    cls.__module__ = __name__
+    return cls
 
 
-class _ItoStratonovichParallelSolver(
-    ParallelSolver, diffrax.AbstractItoSolver, diffrax.AbstractStratonovichSolver
-):
-    pass
-
-
-_MARKED_CLASSES: dict[tuple[bool, bool], type[ParallelSolver]] = {
-    (False, False): ParallelSolver,
-    (True, False): _ItoParallelSolver,
-    (False, True): _StratonovichParallelSolver,
-    (True, True): _ItoStratonovichParallelSolver,
-}
 ParallelSolver.__init__.__doc__ = """**Arguments:**
 
 - `solver`: the inner diffrax solver, stepped `num_steps` times per window. An explicit

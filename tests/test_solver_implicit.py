@@ -119,12 +119,77 @@ def test_implicit_solvers(problem, name):
 
 
 @pytest.mark.parametrize("name", SOLVERS)
-def test_default_root_finder_tolerances_refused(name):
-    # `Kvaerno5()` leaves its root finder's tolerances to an adaptive step size
-    # controller, which never sees them inside `ParallelSolver`: refused, as
-    # `diffeqsolve` refuses them with a constant step size.
+def test_implicit_marker(name):
+    # As the inner solver: `diffeqsolve` treats the wrapper as implicit.
+    solver = partime.ParallelSolver(SOLVERS[name]())
+    assert isinstance(solver, diffrax.AbstractImplicitSolver)
+    assert solver.root_finder is solver.solver.root_finder
+    assert not isinstance(
+        partime.ParallelSolver(diffrax.Tsit5()), diffrax.AbstractImplicitSolver
+    )
+
+
+def test_default_root_finder_tolerances_refused_with_constant_steps():
+    # diffrax's own error, as for `Kvaerno5()` with a constant step size.
+    vf, y0, args, t1 = PROBLEMS["linear"]
     with pytest.raises(ValueError, match="tolerances for the implicit solver"):
-        partime.ParallelSolver(SOLVERS[name]())
+        diffrax.diffeqsolve(
+            diffrax.ODETerm(vf),
+            partime.ParallelSolver(diffrax.Kvaerno5(), num_steps=NUM_STEPS),
+            0.0,
+            t1,
+            t1,
+            y0,
+            args=args,
+        )
+    # Stepped outside `diffeqsolve`, nothing fills them: refused too.
+    solver = partime.ParallelSolver(diffrax.Kvaerno5(), num_steps=NUM_STEPS)
+    term = diffrax.ODETerm(vf)
+    state = solver.init(term, 0.0, t1, jnp.asarray(y0), args)
+    with pytest.raises(ValueError, match="tolerances for the implicit solver"):
+        solver.step(term, 0.0, t1, jnp.asarray(y0), args, state, made_jump=False)
+
+
+def test_root_finder_tolerances_from_adaptive_controller():
+    # The stiff example of diffrax's documentation, with only the solver swapped:
+    # `Kvaerno5()` takes its root finder's tolerances from the `PIDController`.
+    # The same inner steps, sequentially, with those tolerances set explicitly
+    # (`VeryChord`'s norm is the controller's, `rms_norm`), give the same answer.
+    vf, y0, args, t1 = PROBLEMS["robertson"]
+    rtol = atol = 1e-8
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(vf),
+        partime.ParallelSolver(diffrax.Kvaerno5(), num_steps=NUM_STEPS),
+        0.0,
+        t1,
+        t1 / 4,
+        y0,
+        args=args,
+        saveat=diffrax.SaveAt(steps=True),
+        stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
+        max_steps=64,
+    )
+    num_windows = int(sol.stats["num_accepted_steps"])
+    ends = np.asarray(sol.ts[:num_windows])
+    starts = np.concatenate([[0.0], ends[:-1]])
+    grid = np.concatenate(
+        [[0.0]]
+        + [np.asarray(_inner_grid(a, b, NUM_STEPS))[1:] for a, b in zip(starts, ends)]
+    )
+    root_finder = diffrax.VeryChord(rtol=rtol, atol=atol, norm=optx.rms_norm)
+    ref = diffrax.diffeqsolve(
+        diffrax.ODETerm(vf),
+        diffrax.Kvaerno5(root_finder=root_finder),
+        0.0,
+        t1,
+        None,
+        y0,
+        args=args,
+        saveat=diffrax.SaveAt(ts=ends),
+        stepsize_controller=diffrax.StepTo(ts=grid),
+        max_steps=len(grid),
+    )
+    _assert_close(sol.ys[:num_windows], ref.ys, 1e-9)
 
 
 def _loss(y0, args, **kwargs):
