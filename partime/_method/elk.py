@@ -1,8 +1,8 @@
 import equinox as eqx
 
+from .._jacobian import AbstractJacobian, Dense
+from .._lds import DiagonalTransition
 from .base import AbstractDampedMethod
-from .newton import dense_linearise
-from .quasi_newton import diagonal_linearise
 
 
 class ELK(AbstractDampedMethod):
@@ -67,7 +67,7 @@ class ELK(AbstractDampedMethod):
         return 50
 
     def linearise(self, step, prev, xs):
-        return dense_linearise(step, prev, xs)
+        return Dense().linearise(step, prev, xs)
 
 
 class QuasiELK(AbstractDampedMethod):
@@ -80,8 +80,8 @@ class QuasiELK(AbstractDampedMethod):
     guards against the model being wrong).
 
     **Arguments:** `rtol`, `atol`, `max_iters` (default 200), `fallback`, `damping`
-    (default `1e-3`); see [`partime.ELK`][]; and `jacobian_batch_size`, see
-    [`partime.QuasiNewton`][].
+    (default `1e-3`); see [`partime.ELK`][]; and `jacobian`, `jacobian_batch_size`,
+    see [`partime.QuasiNewton`][].
 
     ??? cite "References"
 
@@ -110,6 +110,7 @@ class QuasiELK(AbstractDampedMethod):
     max_iters: int | None = eqx.field(static=True, default=None)
     fallback: bool = eqx.field(static=True, default=True)
     damping: float = eqx.field(static=True, default=1e-3)
+    jacobian: AbstractJacobian = eqx.field(static=True, default=Dense())
     jacobian_batch_size: int | None = eqx.field(static=True, default=None)
 
     @property
@@ -117,4 +118,5 @@ class QuasiELK(AbstractDampedMethod):
         return 200
 
     def linearise(self, step, prev, xs):
-        return diagonal_linearise(step, prev, xs, self.jacobian_batch_size)
+        f, diagonal = self.jacobian.diagonal(step, prev, xs, self.jacobian_batch_size)
+        return f, DiagonalTransition(diagonal)
