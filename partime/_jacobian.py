@@ -54,10 +54,30 @@ class AbstractJacobian(eqx.Module):
         prev: Float[Array, "T d"],
         xs: PyTree[Any],
         batch_size: int | None,
+        probes: int | None,
     ) -> tuple[Float[Array, "T d"], Float[Array, "T d"]]:
         """`f_t(s_{t-1})` and `diag(∂f_t/∂s_{t-1})` for every `t` (exact if the
-        Jacobian has this structure). `batch_size`: how many Jacobian-vector products
-        to evaluate at once where there are `d` of them (`None`: automatic)."""
+        Jacobian has this structure).
+
+        Where the structure is unknown ([`partime.Dense`][]): `probes`, if not
+        `None` and below `d`, estimates the diagonal with that many products (see
+        [`partime.QuasiNewton`][]); else it is exact, by `d` products, `batch_size`
+        at a time (`None`: automatic). Declared structures ignore both."""
+
+
+def colored_diagonal(
+    step: Any, prev: Float[Array, "T d"], xs: PyTree[Any], colors: int
+) -> tuple[Float[Array, "T d"], Float[Array, "T d"]]:
+    """`f_t(s_{t-1})`, and `diag(∂f_t/∂s_{t-1})` probed with `colors` products: the
+    tangent `c_j` is 1 at the components `i ≡ j (mod colors)`, so that
+    `(J c_{i mod colors})_i = J_ii + Σ_{l ≡ i, l ≠ i} J_il`. Exact when those other
+    entries are zero: a diagonal Jacobian, or a block-diagonal one with blocks of
+    `colors` components (Curtis–Powell–Reid colouring)."""
+    length, size = prev.shape
+    columns = np.arange(size) % colors
+    tangents = jnp.asarray(columns == np.arange(colors)[:, None], prev.dtype)
+    f, products = _probe(step, prev, xs, tangents)
+    return f, products[:, columns, np.arange(size)]
 
 
 def _probe(
@@ -85,8 +105,10 @@ class Dense(AbstractJacobian):
         jac, f = jax.vmap(jax.jacfwd(value_and_jac, has_aux=True))(prev, xs)
         return f, DenseTransition(jac)
 
-    def diagonal(self, step, prev, xs, batch_size):
+    def diagonal(self, step, prev, xs, batch_size, probes):
         length, size = prev.shape
+        if probes is not None and probes < size:
+            return colored_diagonal(step, prev, xs, probes)
         if batch_size is None:
             batch_size = max(1, min(size, 2**22 // max(1, length * size)))
 
@@ -113,14 +135,12 @@ class Diagonal(AbstractJacobian):
     """
 
     def linearise(self, step, prev, xs):
-        f, diagonal = self.diagonal(step, prev, xs, None)
+        f, diagonal = colored_diagonal(step, prev, xs, 1)
         return f, DiagonalTransition(diagonal)
 
-    def diagonal(self, step, prev, xs, batch_size):
-        del batch_size
-        ones = jnp.ones((1, prev.shape[-1]), prev.dtype)
-        f, products = _probe(step, prev, xs, ones)
-        return f, products[:, 0]
+    def diagonal(self, step, prev, xs, batch_size, probes):
+        del batch_size, probes
+        return colored_diagonal(step, prev, xs, 1)
 
 
 class BlockDiagonal(AbstractJacobian):
@@ -158,8 +178,7 @@ class BlockDiagonal(AbstractJacobian):
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"`block_size` must be an integer >= 1, got {size!r}.")
 
-    def _blocks(self, step, prev, xs):
-        length, size = prev.shape
+    def _check(self, size: int) -> None:
         k = self.block_size
         if size % k:
             raise ValueError(
@@ -167,6 +186,11 @@ class BlockDiagonal(AbstractJacobian):
                 f"not a multiple of the block size {k}. (Flattened PyTree states are "
                 "concatenated leaf by leaf, in `jax.tree_util` order.)"
             )
+
+    def _blocks(self, step, prev, xs):
+        length, size = prev.shape
+        k = self.block_size
+        self._check(size)
         # Tangent j is 1 in column j of every block: component i is in column i mod k.
         columns = np.arange(size) % k
         tangents = jnp.asarray(columns == np.arange(k)[:, None], prev.dtype)
@@ -181,7 +205,8 @@ class BlockDiagonal(AbstractJacobian):
         f, blocks = self._blocks(step, prev, xs)
         return f, BlockDiagonalTransition(blocks)
 
-    def diagonal(self, step, prev, xs, batch_size):
-        del batch_size
-        f, blocks = self._blocks(step, prev, xs)
-        return f, jnp.diagonal(blocks, axis1=-2, axis2=-1).reshape(prev.shape)
+    def diagonal(self, step, prev, xs, batch_size, probes):
+        del batch_size, probes
+        self._check(prev.shape[-1])
+        # The same k products; only the diagonal of each block is kept.
+        return colored_diagonal(step, prev, xs, self.block_size)

@@ -112,11 +112,14 @@ class QuasiELK(AbstractDampedMethod):
     damping: float = eqx.field(static=True, default=1e-3)
     jacobian: AbstractJacobian = eqx.field(static=True, default=Dense())
     jacobian_batch_size: int | None = eqx.field(static=True, default=None)
+    diagonal_probes: int | None = eqx.field(static=True, default=None)
 
     @property
     def default_max_iters(self):
         return 200
 
     def linearise(self, step, prev, xs):
-        f, diagonal = self.jacobian.diagonal(step, prev, xs, self.jacobian_batch_size)
+        f, diagonal = self.jacobian.diagonal(
+            step, prev, xs, self.jacobian_batch_size, self.diagonal_probes
+        )
         return f, DiagonalTransition(diagonal)
