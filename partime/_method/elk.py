@@ -81,7 +81,7 @@ class QuasiELK(AbstractDampedMethod):
 
     **Arguments:** `rtol`, `atol`, `max_iters` (default 200), `fallback`, `damping`
     (default `1e-3`); see [`partime.ELK`][]; and `jacobian`, `jacobian_batch_size`,
-    see [`partime.QuasiNewton`][].
+    `diagonal_probes`, see [`partime.QuasiNewton`][].
 
     ??? cite "References"
 
