@@ -65,7 +65,18 @@ class AbstractJacobian(eqx.Module):
         at a time (`None`: automatic). Declared structures ignore both."""
 
 
-def colored_diagonal(
+def check_probes(probes: int | None) -> None:
+    """A `ValueError` unless `probes` is `None` or an integer >= 1."""
+    if probes is not None and (
+        isinstance(probes, bool) or not isinstance(probes, int) or probes < 1
+    ):
+        raise ValueError(
+            f"`diagonal_probes` must be None (the exact diagonal) or an integer >= 1, "
+            f"got {probes!r}."
+        )
+
+
+def coloured_diagonal(
     step: Any, prev: Float[Array, "T d"], xs: PyTree[Any], colors: int
 ) -> tuple[Float[Array, "T d"], Float[Array, "T d"]]:
     """`f_t(s_{t-1})`, and `diag(∂f_t/∂s_{t-1})` probed with `colors` products: the
@@ -73,7 +84,7 @@ def colored_diagonal(
     `(J c_{i mod colors})_i = J_ii + Σ_{l ≡ i, l ≠ i} J_il`. Exact when those other
     entries are zero: a diagonal Jacobian, or a block-diagonal one with blocks of
     `colors` components (Curtis–Powell–Reid colouring)."""
-    length, size = prev.shape
+    size = prev.shape[-1]
     columns = np.arange(size) % colors
     tangents = jnp.asarray(columns == np.arange(colors)[:, None], prev.dtype)
     f, products = _probe(step, prev, xs, tangents)
@@ -108,7 +119,7 @@ class Dense(AbstractJacobian):
     def diagonal(self, step, prev, xs, batch_size, probes):
         length, size = prev.shape
         if probes is not None and probes < size:
-            return colored_diagonal(step, prev, xs, probes)
+            return coloured_diagonal(step, prev, xs, probes)
         if batch_size is None:
             batch_size = max(1, min(size, 2**22 // max(1, length * size)))
 
@@ -135,12 +146,12 @@ class Diagonal(AbstractJacobian):
     """
 
     def linearise(self, step, prev, xs):
-        f, diagonal = colored_diagonal(step, prev, xs, 1)
+        f, diagonal = coloured_diagonal(step, prev, xs, 1)
         return f, DiagonalTransition(diagonal)
 
     def diagonal(self, step, prev, xs, batch_size, probes):
         del batch_size, probes
-        return colored_diagonal(step, prev, xs, 1)
+        return coloured_diagonal(step, prev, xs, 1)
 
 
 class BlockDiagonal(AbstractJacobian):
@@ -209,4 +220,4 @@ class BlockDiagonal(AbstractJacobian):
         del batch_size, probes
         self._check(prev.shape[-1])
         # The same k products; only the diagonal of each block is kept.
-        return colored_diagonal(step, prev, xs, self.block_size)
+        return coloured_diagonal(step, prev, xs, self.block_size)

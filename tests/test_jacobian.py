@@ -308,6 +308,13 @@ def test_structured_gradient_memory():
     assert structured < dense / 4
 
 
+@pytest.mark.parametrize("probes", [0, True, 2.0])
+def test_bad_diagonal_probes(probes):
+    for method in (partime.QuasiNewton, partime.QuasiELK):
+        with pytest.raises(ValueError, match="diagonal_probes"):
+            method(diagonal_probes=probes)
+
+
 def test_bad_block_size():
     with pytest.raises(ValueError, match="block_size"):
         partime.BlockDiagonal(0)

@@ -1,6 +1,6 @@
 import equinox as eqx
 
-from .._jacobian import AbstractJacobian, Dense
+from .._jacobian import AbstractJacobian, check_probes, Dense
 from .._lds import DiagonalTransition
 from .base import AbstractDampedMethod
 
@@ -123,3 +123,6 @@ class QuasiELK(AbstractDampedMethod):
             step, prev, xs, self.jacobian_batch_size, self.diagonal_probes
         )
         return f, DiagonalTransition(diagonal)
+
+    def __check_init__(self):
+        check_probes(self.diagonal_probes)

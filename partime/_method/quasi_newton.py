@@ -1,6 +1,6 @@
 import equinox as eqx
 
-from .._jacobian import AbstractJacobian, Dense
+from .._jacobian import AbstractJacobian, check_probes, Dense
 from .._lds import DiagonalTransition
 from .base import AbstractMethod
 
@@ -64,3 +64,6 @@ class QuasiNewton(AbstractMethod):
             step, prev, xs, self.jacobian_batch_size, self.diagonal_probes
         )
         return f, DiagonalTransition(diagonal)
+
+    def __check_init__(self):
+        check_probes(self.diagonal_probes)
