@@ -2,12 +2,14 @@
 
 A GRU cell with random weights, scaled so that the recurrence contracts (Newton then
 converges in a handful of iterations), random inputs, a batch of sequences (`jax.vmap`),
-hidden size `d`, length `T`. With `--block k` the recurrent weights are block-diagonal
-with `k x k` blocks (as in ParaRNN's cells), so that the step's Jacobian is too, and the
-structured methods run: `Newton-block` (`Newton(jacobian=BlockDiagonal(k))`, exact
-Newton from `k` products per step) and `QuasiNewton-block`. `QuasiNewton-probes8` is
-`QuasiNewton(diagonal_probes=8)` (the diagonal of a dense Jacobian estimated from 8
-coloured products instead of `d`). For every `(d, T, method)` row the script
+hidden size `d`, length `T`; `--cell tanh` replaces the GRU by a plain tanh RNN on
+its weights (`h = tanh(1.6 U_0 h + W_0 x + b_0)`). With `--block k` the recurrent
+weights are block-diagonal with `k x k` blocks (as in ParaRNN's cells), so that the
+step's Jacobian is too, and the structured methods run: `Newton-block`
+(`Newton(jacobian=BlockDiagonal(k))`, exact Newton from `k` products per step) and
+`QuasiNewton-block`. `QuasiNewton-probes8` is `QuasiNewton(diagonal_probes=8)` (the
+diagonal of a dense Jacobian estimated from 8 coloured products instead of `d`). For
+every `(d, T, method)` row the script
 
 1. checks the values (final carry and outputs) and the gradient of
    `loss = sum(outputs)` with respect to the GRU parameters (closed over by the step
@@ -126,11 +128,27 @@ def gru(params: dict, h: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]
     return h, h
 
 
-def forward(scan_fn):
+def tanh_rnn(params: dict, h: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A plain tanh RNN on the GRU's first weights, `h = tanh(1.6 U_0 h + W_0 x + b_0)`:
+    recurrent weights of spectral norm about 1.6, contracting through `tanh' < 1`;
+    no gate puts a large term on the Jacobian's diagonal."""
+    pre = (
+        1.6 * jnp.matmul(params["U"][0], h, precision=_HIGHEST)
+        + jnp.matmul(params["W"][0], x, precision=_HIGHEST)
+        + params["b"][0]
+    )
+    h = jnp.tanh(pre)
+    return h, h
+
+
+CELLS = {"gru": gru, "tanh": tanh_rnn}
+
+
+def forward(scan_fn, cell=gru):
     """`(params, xs, h0) -> (carry, ys, extras)` over the batch."""
 
     def fn(params, xs, h0):
-        step = lambda h, x: gru(params, h, x)
+        step = lambda h, x: cell(params, h, x)
         return jax.vmap(lambda x, h: scan_fn(step, h, x))(xs, h0)
 
     return fn
@@ -146,11 +164,11 @@ def partime_scan(method, step, h, x):
     return carry, ys, (stats.num_iterations, stats.num_sequential_steps)
 
 
-def value_and_grad(scan_fn):
+def value_and_grad(scan_fn, cell=gru):
     """`(params, xs, h0) -> (loss, d loss / d params)`, `loss = sum(outputs)`."""
 
     def loss(params, xs, h0):
-        _, ys, _ = forward(scan_fn)(params, xs, h0)
+        _, ys, _ = forward(scan_fn, cell)(params, xs, h0)
         return jnp.sum(ys)
 
     return jax.value_and_grad(loss)
@@ -194,6 +212,7 @@ class Sweep:
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
+        self.cell = CELLS[args.cell]
         self.dtype = jnp.float32 if args.float32 else jnp.float64
         self.itemsize = jnp.dtype(self.dtype).itemsize
         self.value_tol, self.grad_tol = TOLERANCES[jnp.dtype(self.dtype).name]
@@ -262,10 +281,14 @@ class Sweep:
         no_check = lambda _: (None, None, {})
 
         lax_fwd, reference = self.measure(
-            forward(lax_scan), args, ("lax.scan", d, "f"), T, no_check
+            forward(lax_scan, self.cell), args, ("lax.scan", d, "f"), T, no_check
         )
         lax_grad, grad_reference = self.measure(
-            value_and_grad(lax_scan), args, ("lax.scan", d, "g"), T, no_check
+            value_and_grad(lax_scan, self.cell),
+            args,
+            ("lax.scan", d, "g"),
+            T,
+            no_check,
         )
         print(
             f"\nd={d} T={T} batch={batch}: lax.scan forward "
@@ -305,7 +328,11 @@ class Sweep:
                 row["forward"] = {"skip": forward_skip}
             else:
                 row["forward"], _ = self.measure(
-                    forward(scan_fn), args, (name, d, "f"), T, check_values
+                    forward(scan_fn, self.cell),
+                    args,
+                    (name, d, "f"),
+                    T,
+                    check_values,
                 )
                 if "skip" in row["forward"]:
                     gradient_skip = gradient_skip or row["forward"]["skip"]
@@ -313,7 +340,11 @@ class Sweep:
                 row["gradient"] = {"skip": gradient_skip or forward_skip}
             else:
                 row["gradient"], _ = self.measure(
-                    value_and_grad(scan_fn), args, (name, d, "g"), T, check_grads
+                    value_and_grad(scan_fn, self.cell),
+                    args,
+                    (name, d, "g"),
+                    T,
+                    check_grads,
                 )
             if row["forward"].get("fell_back"):
                 self.fell_back.setdefault(name, (d, T))
@@ -464,6 +495,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--batch", type=int, default=16, help="default: 16")
     parser.add_argument(
+        "--cell",
+        choices=list(CELLS),
+        default="gru",
+        help="the recurrence: a GRU (default) or a plain tanh RNN on its weights",
+    )
+    parser.add_argument(
         "--block",
         type=int,
         default=None,
@@ -527,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
     jax.config.update("jax_enable_x64", not args.float32)
     env = environment()
     print(
-        f"partime.scan vs jax.lax.scan (GRU, batch {args.batch}) on "
+        f"partime.scan vs jax.lax.scan ({args.cell}, batch {args.batch}) on "
         f"{env['device_kind']} ({env['platform']}, {env['cpu_count']} CPUs), "
         f"jax {env['jax']}, {'float32' if args.float32 else 'float64'}",
         flush=True,
@@ -549,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(out)
         env["load_average_at_end"] = list(os.getloadavg())
         payload = {
-            "benchmark": "partime.scan vs jax.lax.scan, GRU cell"
+            "benchmark": f"partime.scan vs jax.lax.scan, {args.cell} cell"
             + ("" if args.block is None else f", {args.block}x{args.block} blocks"),
             "environment": env,
             "settings": {
