@@ -6,6 +6,13 @@ solver (Tsit5 or Euler). diffrax steps sequentially on that grid;
 `ParallelSolver(inner, num_steps=T)` solves the same `T` steps as one parallel window
 (`dt0 = t1 - t0`).
 
+`--methods` picks the fixed-point methods (default `Newton`; `QuasiNewton`,
+`QuasiNewton-probes8` = `QuasiNewton(diagonal_probes=8)`). `--block k` (neural only)
+makes the vector field `d / k` independent MLPs (width 16, depth 2) on consecutive
+groups of `k` components, so that the Jacobian of every Runge–Kutta step is
+block-diagonal with `k x k` blocks; the method `Newton-block` is then
+`Newton(jacobian=BlockDiagonal(k))`, `QuasiNewton-block` likewise.
+
 `--problem sde`: the neural SDE `dy = MLP(y) dt + diag(0.1 (1 + tanh(y)) / 2) dW`
 (Itô), Euler--Maruyama (`diffrax.Euler()`) over
 `MultiTerm(ODETerm, ControlTerm(..., VirtualBrownianTree))`, one parallel window of `T`
@@ -48,6 +55,8 @@ Usage, from the repository root:
     python benchmarks/ode.py --problem sde   # d in {2, 16}, T in {1e3, 1e4, 1e5}
     python benchmarks/ode.py --problem stiff # T in {1400, 7000, 35000}
     python benchmarks/ode.py --problem stiff --quick   # T=1400: half a minute
+    python benchmarks/ode.py --d 64 --T 1e3 --solvers tsit5 --float32 \
+        --block 4 --methods Newton Newton-block   # structured Newton at d=64
 
 Results go to `benchmarks/results/ode-<platform>.json` for `neural`, and
 `ode-sde-<platform>.json`, `ode-stiff-<platform>.json` for the others (`-float32`
@@ -110,12 +119,52 @@ class VectorField(eqx.Module):
         return self.mlp(y)
 
 
-def make_functions(solver_name: str, T: int, parallel: bool, static: Any):
+BLOCK_WIDTH = 16
+
+
+class BlockVectorField(eqx.Module):
+    """`d / k` independent MLPs, one per group of `k` consecutive components: a
+    block-diagonal Jacobian."""
+
+    mlps: eqx.nn.MLP
+    block: int = eqx.field(static=True)
+
+    def __init__(self, d: int, block: int, key: Any):
+        keys = jr.split(key, d // block)
+        make = lambda k: eqx.nn.MLP(
+            block, block, BLOCK_WIDTH, DEPTH, activation=jnp.tanh, key=k
+        )
+        self.mlps = eqx.filter_vmap(make)(keys)
+        self.block = block
+
+    def __call__(self, t, y, args):
+        groups = y.reshape(-1, self.block)
+        out = eqx.filter_vmap(lambda mlp, g: mlp(g))(self.mlps, groups)
+        return out.reshape(y.shape)
+
+
+# name -> method, given `--block`.
+METHODS = {
+    "Newton": lambda k: partime.Newton(),
+    "Newton-block": lambda k: partime.Newton(jacobian=partime.BlockDiagonal(k)),
+    "QuasiNewton": lambda k: partime.QuasiNewton(),
+    "QuasiNewton-block": lambda k: partime.QuasiNewton(
+        jacobian=partime.BlockDiagonal(k)
+    ),
+    "QuasiNewton-probes8": lambda k: partime.QuasiNewton(diagonal_probes=8),
+}
+
+
+def make_functions(
+    solver_name: str, T: int, parallel: bool, static: Any, method: Any = None
+):
     """`forward(params, y0) -> (y1, (iterations, fallbacks))` and
     `gradient(params, y0) -> (d params, d y0)`."""
     inner = SOLVERS[solver_name]()
     if parallel:
-        solver = partime.ParallelSolver(inner, num_steps=T)
+        solver = partime.ParallelSolver(
+            inner, num_steps=T, method=partime.Newton() if method is None else method
+        )
         dt0 = T1 - T0  # one window over the whole horizon
         max_steps = 1
     else:
@@ -281,12 +330,15 @@ def _stats(sol: Any, parallel: bool) -> tuple:
     return jnp.array(0), jnp.array(0)
 
 
-def setup(problem: str, d: int, dtype: Any) -> tuple:
+def setup(problem: str, d: int, dtype: Any, block: int | None = None) -> tuple:
     """`(params, static, y0, make_functions)` of a problem."""
     if problem == "stiff":
         params = jnp.log(jnp.array(RATES, dtype))
         return params, None, jnp.array(STIFF_Y0, dtype), make_stiff_functions
-    field = VectorField(d, jr.key(d))
+    if block is None:
+        field = VectorField(d, jr.key(d))
+    else:
+        field = BlockVectorField(d, block, jr.key(d))
     if problem == "sde":
         params, static = eqx.partition((field, Diffusion(d)), eqx.is_array)
         make = make_sde_functions
@@ -299,25 +351,38 @@ def setup(problem: str, d: int, dtype: Any) -> tuple:
 
 
 def run_row(
-    solver_name: str, d: int, T: int, args: argparse.Namespace, problem: str = "neural"
+    solver_name: str,
+    d: int,
+    T: int,
+    args: argparse.Namespace,
+    problem: str = "neural",
+    method_name: str = "Newton",
 ) -> dict:
     dtype = jnp.float32 if args.float32 else jnp.float64
-    row: dict[str, Any] = dict(solver=solver_name, d=d, T=T, notes=[])
+    row: dict[str, Any] = dict(
+        solver=solver_name, method=method_name, block=args.block, d=d, T=T, notes=[]
+    )
     itemsize = jnp.dtype(dtype).itemsize
     memory = device_memory_bytes()
     # Jacobians, their tangent-mode intermediates and the scan's partial products.
     estimate = 8 * T * d * d * itemsize
-    if memory is not None and estimate > memory / 2:
+    if method_name == "Newton" and memory is not None and estimate > memory / 2:
         row["notes"].append(f"skipped: ~{estimate / 2**30:.0f} GiB of Jacobians")
         return row
-    params, static, y0, make = setup(problem, d, dtype)
+    params, static, y0, make = setup(problem, d, dtype, args.block)
+    if args.block is not None:
+        row["notes"].append(f"block-diagonal field, {args.block}x{args.block}")
     if problem == "stiff":
         row["notes"].append(f"{NUM_WINDOWS} windows x {T // NUM_WINDOWS} steps")
 
     outputs = {}
     for parallel in (True, False):
         side = "par" if parallel else "seq"
-        forward, gradient = make(solver_name, T, parallel, static)
+        if problem == "neural":
+            method = METHODS[method_name](args.block)
+            forward, gradient = make(solver_name, T, parallel, static, method)
+        else:
+            forward, gradient = make(solver_name, T, parallel, static)
         for kind, fn in (("forward", forward), ("gradient", gradient)):
             if kind == "gradient" and args.no_gradients:
                 continue
@@ -354,7 +419,7 @@ def run_row(
 
 
 HEADER = [
-    "solver", "d", "T", "iters", "fb", "err y", "err grad",
+    "solver", "method", "d", "T", "iters", "fb", "err y", "err grad",
     "seq fwd ms", "par fwd ms", "fwd speed-up",
     "seq grad ms", "par grad ms", "grad speed-up",
     "seq grad MiB", "par grad MiB", "notes",
@@ -364,7 +429,7 @@ HEADER = [
 def format_row(row: dict) -> list[str]:
     if "iterations" not in row:
         return (
-            [row["solver"], str(row["d"]), str(row["T"])]
+            [row["solver"], row.get("method", "Newton"), str(row["d"]), str(row["T"])]
             + ["-"] * 12
             + ["; ".join(row["notes"])]
         )
@@ -374,6 +439,7 @@ def format_row(row: dict) -> list[str]:
     speedup = lambda key: f"{row[key]:.2f}" if key in row else "-"
     return [
         row["solver"],
+        row.get("method", "Newton"),
         str(row["d"]),
         str(row["T"]),
         str(row["iterations"]),
@@ -432,8 +498,8 @@ def describe(problem: str) -> dict:
         problem=(
             f"dy/dt = MLP(y), width {WIDTH}, depth {DEPTH}, tanh; t in [{T0}, {T1}]"
         ),
-        parallel="partime.ParallelSolver(inner, num_steps=T, method=Newton()), "
-        "one window (dt0 = t1 - t0)",
+        parallel="partime.ParallelSolver(inner, num_steps=T, method=the row's "
+        "method), one window (dt0 = t1 - t0)",
         sequential="diffrax.diffeqsolve(inner, dt0=(t1 - t0) / T)",
     )
 
@@ -446,6 +512,19 @@ def main() -> int:
     )
     parser.add_argument("--T", type=float, nargs="+", default=None, help="e.g. 1e4")
     parser.add_argument("--solvers", nargs="+", default=None)
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=list(METHODS),
+        default=["Newton"],
+        help="neural only; default: Newton",
+    )
+    parser.add_argument(
+        "--block",
+        type=int,
+        default=None,
+        help="neural only: a vector field of independent MLPs on groups of this size",
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
         "--budget", type=float, default=30.0, help="seconds of timed calls per function"
@@ -464,6 +543,12 @@ def main() -> int:
         parser.error(f"--problem {args.problem} has no solvers {sorted(unknown)}")
     args.d = args.d or default_d
     args.T = args.T or default_T
+    if args.problem != "neural" and (args.methods != ["Newton"] or args.block):
+        parser.error("--methods and --block are for --problem neural")
+    if args.block is None and any(m.endswith("-block") for m in args.methods):
+        parser.error("the -block methods need --block")
+    if args.block is not None and any(d % args.block for d in args.d):
+        parser.error(f"every --d must be a multiple of --block {args.block}")
     if args.quick:
         args.d, args.T, args.repeats = quick_d, quick_T, 3
     if args.problem == "stiff":
@@ -478,11 +563,14 @@ def main() -> int:
     )
     rows = []
     for solver_name in args.solvers:
-        for d in args.d:
-            for T in args.T:
-                row = run_row(solver_name, d, int(T), args, args.problem)
-                rows.append(row)
-                print(" | ".join(format_row(row)), flush=True)
+        for method_name in args.methods:
+            for d in args.d:
+                for T in args.T:
+                    row = run_row(
+                        solver_name, d, int(T), args, args.problem, method_name
+                    )
+                    rows.append(row)
+                    print(" | ".join(format_row(row)), flush=True)
     table = [format_row(row) for row in rows]
     print()
     print(text_table(HEADER, table))

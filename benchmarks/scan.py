@@ -2,7 +2,14 @@
 
 A GRU cell with random weights, scaled so that the recurrence contracts (Newton then
 converges in a handful of iterations), random inputs, a batch of sequences (`jax.vmap`),
-hidden size `d`, length `T`. For every `(d, T, method)` row the script
+hidden size `d`, length `T`; `--cell tanh` replaces the GRU by a plain tanh RNN on
+its weights (`h = tanh(1.6 U_0 h + W_0 x + b_0)`). With `--block k` the recurrent
+weights are block-diagonal with `k x k` blocks (as in ParaRNN's cells), so that the
+step's Jacobian is too, and the structured methods run: `Newton-block`
+(`Newton(jacobian=BlockDiagonal(k))`, exact Newton from `k` products per step) and
+`QuasiNewton-block`. `QuasiNewton-probes8` is `QuasiNewton(diagonal_probes=8)` (the
+diagonal of a dense Jacobian estimated from 8 coloured products instead of `d`). For
+every `(d, T, method)` row the script
 
 1. checks the values (final carry and outputs) and the gradient of
    `loss = sum(outputs)` with respect to the GRU parameters (closed over by the step
@@ -12,21 +19,26 @@ hidden size `d`, length `T`. For every `(d, T, method)` row the script
 2. times the forward pass and the forward + gradient pass (`jax.value_and_grad`):
    median of `--repeats` calls after a warm-up call, `block_until_ready`;
 3. reports the parallel iterations (the most over the batch: `vmap`ped loops run until
-   every sequence has converged), whether the sequential fallback ran, and the memory of
-   the compiled function (`memory_analysis()`: argument + output + temporary bytes).
+   every sequence has converged), whether the sequential fallback ran, the memory of
+   the compiled functions (`memory_analysis()`: argument + output + temporary bytes),
+   and the gradient's temporary bytes alone against `lax.scan`'s (as
+   `benchmarks/memory.py` measures them: where a `T·d²` Jacobian stack shows).
 
-Rows are skipped — and say why — when they cannot fit (Newton keeps `T·d²` Jacobian
-entries per sequence; every method's gradient does, since the implicit backward pass is
-one reverse scan with dense Jacobians), when the method already fell back at a smaller
-or equal `d` and `T` (it hit its iteration cap: it would again, at a higher cost), or
-when a call is predicted, from the same method at the previous `T`, to take longer than
-`--max-call`. The speed-up is `lax time / partime time` (above 1: partime is faster).
+Rows are skipped — and say why — when they cannot fit (dense Newton keeps `T·d²`
+Jacobian entries per sequence, forward and backward; the other methods' gradients are
+matrix-free, the structured ones' `T·d·k`), when the method already fell back at a
+smaller or equal `d` and `T` (it hit its iteration cap: it would again, at a higher
+cost), or when a call is predicted, from the same method at the previous `T`, to take
+longer than `--max-call`. The speed-up is `lax time / partime time` (above 1: partime is
+faster).
 
 Usage, from the repository root:
 
     python benchmarks/scan.py            # the full sweep; writes benchmarks/results/
     python benchmarks/scan.py --quick    # d=4, T=1e3, two methods: well under a minute
     python benchmarks/scan.py --d 1 4 --T 1e4 --methods Newton Jacobi --repeats 3
+    python benchmarks/scan.py --d 64 --T 4096 --batch 1 --float32 --block 2 \
+        --out benchmarks/results/scan-d64-block2-cpu-float32.json
 
 Results go to `benchmarks/results/scan-<platform>.json` (and a `.md` table beside it),
 where `<platform>` is `jax.devices()[0].platform`; `--quick` writes only with `--out`.
@@ -61,26 +73,44 @@ from _common import (
 import partime
 
 
+# name -> method, given the block size of `--block` (`None`: a dense GRU).
 METHODS = {
-    "Newton": partime.Newton,
-    "QuasiNewton": partime.QuasiNewton,
-    "Picard": partime.Picard,
-    "Jacobi": partime.Jacobi,
+    "Newton": lambda k: partime.Newton(),
+    "Newton-block": lambda k: partime.Newton(jacobian=partime.BlockDiagonal(k)),
+    "QuasiNewton": lambda k: partime.QuasiNewton(),
+    "QuasiNewton-block": lambda k: partime.QuasiNewton(
+        jacobian=partime.BlockDiagonal(k)
+    ),
+    "QuasiNewton-probes8": lambda k: partime.QuasiNewton(diagonal_probes=8),
+    "Picard": lambda k: partime.Picard(),
+    "Jacobi": lambda k: partime.Jacobi(),
 }
+# Methods that declare the block structure: only with `--block`.
+STRUCTURED = ("Newton-block", "QuasiNewton-block")
 # (values, gradients): well above each method's convergence tolerance (100 ulps at
 # unit scale), well below any real discrepancy.
 TOLERANCES = {"float64": (1e-6, 1e-5), "float32": (1e-3, 1e-2)}
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def gru_params(key: Any, d: int, dtype: Any, scale: float = 0.5) -> dict:
+def gru_params(
+    key: Any, d: int, dtype: Any, scale: float = 0.5, block: int | None = None
+) -> dict:
     """Random GRU weights; input size `d`. The recurrent weights have spectral norm
     about `2 · scale` (= 1), which the gates damp: the step contracts, and Newton
-    converges in a few iterations."""
+    converges in a few iterations. With `block = k` they are block-diagonal with
+    `k x k` blocks (entries scaled by `1/√k` instead of `1/√d`), and so is the
+    step's Jacobian."""
     k_in, k_rec, k_bias = jr.split(key, 3)
+    recurrent = jr.normal(k_rec, (3, d, d), dtype)
+    if block is None:
+        recurrent = recurrent / np.sqrt(d)
+    else:
+        same_block = (np.arange(d) // block)[:, None] == np.arange(d) // block
+        recurrent = jnp.where(same_block, recurrent / np.sqrt(block), 0)
     return {
         "W": jr.normal(k_in, (3, d, d), dtype) / np.sqrt(d),
-        "U": scale * jr.normal(k_rec, (3, d, d), dtype) / np.sqrt(d),
+        "U": scale * recurrent,
         "b": 0.1 * jr.normal(k_bias, (4, d), dtype),
     }
 
@@ -98,11 +128,27 @@ def gru(params: dict, h: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]
     return h, h
 
 
-def forward(scan_fn):
+def tanh_rnn(params: dict, h: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A plain tanh RNN on the GRU's first weights, `h = tanh(1.6 U_0 h + W_0 x + b_0)`:
+    recurrent weights of spectral norm about 1.6, contracting through `tanh' < 1`;
+    no gate puts a large term on the Jacobian's diagonal."""
+    pre = (
+        1.6 * jnp.matmul(params["U"][0], h, precision=_HIGHEST)
+        + jnp.matmul(params["W"][0], x, precision=_HIGHEST)
+        + params["b"][0]
+    )
+    h = jnp.tanh(pre)
+    return h, h
+
+
+CELLS = {"gru": gru, "tanh": tanh_rnn}
+
+
+def forward(scan_fn, cell=gru):
     """`(params, xs, h0) -> (carry, ys, extras)` over the batch."""
 
     def fn(params, xs, h0):
-        step = lambda h, x: gru(params, h, x)
+        step = lambda h, x: cell(params, h, x)
         return jax.vmap(lambda x, h: scan_fn(step, h, x))(xs, h0)
 
     return fn
@@ -118,11 +164,11 @@ def partime_scan(method, step, h, x):
     return carry, ys, (stats.num_iterations, stats.num_sequential_steps)
 
 
-def value_and_grad(scan_fn):
+def value_and_grad(scan_fn, cell=gru):
     """`(params, xs, h0) -> (loss, d loss / d params)`, `loss = sum(outputs)`."""
 
     def loss(params, xs, h0):
-        _, ys, _ = forward(scan_fn)(params, xs, h0)
+        _, ys, _ = forward(scan_fn, cell)(params, xs, h0)
         return jnp.sum(ys)
 
     return jax.value_and_grad(loss)
@@ -134,6 +180,23 @@ def _fmt_ms(seconds: float | None) -> str:
 
 def _fmt_mb(nbytes: int | None) -> str:
     return "n/a" if nbytes is None else f"{nbytes / 2**20:.0f}"
+
+
+def _fmt_temp(part: dict[str, Any], reference: dict[str, Any]) -> str:
+    """Temporary MiB, and the ratio to the reference's."""
+    temp, ref = part.get("temp_bytes"), reference.get("temp_bytes")
+    if temp is None:
+        return "-"
+    ratio = f" ({temp / ref:.1f}x)" if ref else ""
+    return f"{temp / 2**20:.1f}{ratio}"
+
+
+def _temp_bytes(compiled: Any) -> int | None:
+    """The temporary bytes of a compiled function (`None` if not reported)."""
+    try:
+        return compiled.memory_analysis().temp_size_in_bytes
+    except Exception:  # not implemented on every backend
+        return None
 
 
 def _fmt_err(error: float | None) -> str:
@@ -149,6 +212,7 @@ class Sweep:
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
+        self.cell = CELLS[args.cell]
         self.dtype = jnp.float32 if args.float32 else jnp.float64
         self.itemsize = jnp.dtype(self.dtype).itemsize
         self.value_tol, self.grad_tol = TOLERANCES[jnp.dtype(self.dtype).name]
@@ -184,6 +248,7 @@ class Sweep:
                 return out, None
         compiled, out["compile_s"] = compile_fn(fn, *args)
         out["memory_bytes"] = memory_bytes(compiled)
+        out["temp_bytes"] = _temp_bytes(compiled)
         if out["memory_bytes"] is not None and out["memory_bytes"] > self.memory_limit:
             out["skip"] = (
                 f"compiled memory {out['memory_bytes'] / 2**30:.1f} GiB > limit "
@@ -209,17 +274,21 @@ class Sweep:
     def run_case(self, d: int, T: int) -> list[dict[str, Any]]:
         batch = self.args.batch
         k_params, k_xs, k_h0 = jr.split(jr.fold_in(jr.PRNGKey(0), d), 3)
-        params = gru_params(k_params, d, self.dtype)
+        params = gru_params(k_params, d, self.dtype, block=self.args.block)
         xs = jr.normal(k_xs, (batch, T, d), self.dtype)
         h0 = 0.1 * jr.normal(k_h0, (batch, d), self.dtype)
         args = (params, xs, h0)
         no_check = lambda _: (None, None, {})
 
         lax_fwd, reference = self.measure(
-            forward(lax_scan), args, ("lax.scan", d, "f"), T, no_check
+            forward(lax_scan, self.cell), args, ("lax.scan", d, "f"), T, no_check
         )
         lax_grad, grad_reference = self.measure(
-            value_and_grad(lax_scan), args, ("lax.scan", d, "g"), T, no_check
+            value_and_grad(lax_scan, self.cell),
+            args,
+            ("lax.scan", d, "g"),
+            T,
+            no_check,
         )
         print(
             f"\nd={d} T={T} batch={batch}: lax.scan forward "
@@ -247,7 +316,7 @@ class Sweep:
 
         rows = []
         for name in self.methods:
-            scan_fn = functools.partial(partime_scan, METHODS[name]())
+            scan_fn = functools.partial(partime_scan, METHODS[name](self.args.block))
             row: dict[str, Any] = {"d": d, "T": T, "batch": batch, "method": name}
             row["lax_forward"], row["lax_gradient"] = lax_fwd, lax_grad
             forward_skip, gradient_skip = self.plan(name, d, T)
@@ -259,7 +328,11 @@ class Sweep:
                 row["forward"] = {"skip": forward_skip}
             else:
                 row["forward"], _ = self.measure(
-                    forward(scan_fn), args, (name, d, "f"), T, check_values
+                    forward(scan_fn, self.cell),
+                    args,
+                    (name, d, "f"),
+                    T,
+                    check_values,
                 )
                 if "skip" in row["forward"]:
                     gradient_skip = gradient_skip or row["forward"]["skip"]
@@ -267,7 +340,11 @@ class Sweep:
                 row["gradient"] = {"skip": gradient_skip or forward_skip}
             else:
                 row["gradient"], _ = self.measure(
-                    value_and_grad(scan_fn), args, (name, d, "g"), T, check_grads
+                    value_and_grad(scan_fn, self.cell),
+                    args,
+                    (name, d, "g"),
+                    T,
+                    check_grads,
                 )
             if row["forward"].get("fell_back"):
                 self.fell_back.setdefault(name, (d, T))
@@ -289,16 +366,17 @@ class Sweep:
                     "fall back again, at higher cost"
                 )
                 return reason, reason
-        # Newton stores a d x d Jacobian per step, and so does every method's backward
-        # pass (the implicit-function-theorem solve is dense).
+        # Dense Newton stores a d x d Jacobian per step, forward and backward (its
+        # derivative is one dense scan); the other methods' derivatives are
+        # matrix-free, the structured ones' d x k per step.
         jacobians = T * d * d * self.args.batch * self.itemsize
-        if jacobians <= self.estimate_limit:
+        if name != "Newton" or jacobians <= self.estimate_limit:
             return None, None
         reason = (
             f"T·d²·batch Jacobians {jacobians / 2**30:.1f} GiB > "
             f"{self.estimate_limit / 2**30:.1f} GiB (half the memory limit)"
         )
-        return (reason if name == "Newton" else None), reason
+        return reason, reason
 
     def run(self) -> list[dict[str, Any]]:
         self.methods = self.args.methods
@@ -324,6 +402,7 @@ HEADER = [
     "grad ms",
     "grad speed-up",
     "fwd/grad MiB",
+    "grad temp MiB (x lax)",
     "note",
 ]
 
@@ -363,6 +442,7 @@ def table_row(row: dict[str, Any]) -> list[str]:
         _fmt_ms(grad.get("median_s")),
         _fmt_ratio(grad.get("speedup")),
         f"{_fmt_mb(fwd.get('memory_bytes'))}/{_fmt_mb(grad.get('memory_bytes'))}",
+        _fmt_temp(grad, row["lax_gradient"]),
         "; ".join(notes),
     ]
 
@@ -383,7 +463,15 @@ def markdown_report(payload: dict[str, Any]) -> str:
         "speed-up = lax.scan time / partime time; errors are max |partime - lax| / "
         f"max |lax| (WRONG above {settings['value_tolerance']:g} for values, "
         f"{settings['gradient_tolerance']:g} for gradients); memory from "
-        "`memory_analysis()` of the compiled forward / forward+gradient function."
+        "`memory_analysis()` of the compiled forward / forward+gradient function "
+        "(argument + output + temporary), and the forward+gradient function's "
+        "temporary bytes alone with their ratio to lax.scan's."
+        + (
+            f" GRU recurrent weights block-diagonal, {settings['block']}x"
+            f"{settings['block']} blocks."
+            if settings.get("block")
+            else ""
+        )
     )
     table = [table_row(row) for row in payload["rows"]]
     return f"# {payload['benchmark']}\n\n{about}\n\n" + markdown_table(HEADER, table)
@@ -406,6 +494,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--methods", nargs="+", choices=list(METHODS), help="default: all"
     )
     parser.add_argument("--batch", type=int, default=16, help="default: 16")
+    parser.add_argument(
+        "--cell",
+        choices=list(CELLS),
+        default="gru",
+        help="the recurrence: a GRU (default) or a plain tanh RNN on its weights",
+    )
+    parser.add_argument(
+        "--block",
+        type=int,
+        default=None,
+        help="block-diagonal recurrent weights with this block size, and the "
+        "structured methods; default: dense",
+    )
     parser.add_argument("--repeats", type=int, help="timed calls per row; default: 5")
     parser.add_argument(
         "--budget",
@@ -440,7 +541,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = {
         "d": [1, 4, 16, 64],
         "T": [10**3, 10**4, 10**5],
-        "methods": list(METHODS),
+        "methods": [
+            m for m in METHODS if args.block is not None or m not in STRUCTURED
+        ],
         "repeats": 5,
     }
     if args.quick:
@@ -448,6 +551,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.block is None and set(args.methods) & set(STRUCTURED):
+        parser.error(f"{', '.join(STRUCTURED)} need --block (a block-diagonal GRU)")
+    if args.block is not None and any(d % args.block for d in args.d):
+        parser.error(f"every --d must be a multiple of --block {args.block}")
     return args
 
 
@@ -457,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
     jax.config.update("jax_enable_x64", not args.float32)
     env = environment()
     print(
-        f"partime.scan vs jax.lax.scan (GRU, batch {args.batch}) on "
+        f"partime.scan vs jax.lax.scan ({args.cell}, batch {args.batch}) on "
         f"{env['device_kind']} ({env['platform']}, {env['cpu_count']} CPUs), "
         f"jax {env['jax']}, {'float32' if args.float32 else 'float64'}",
         flush=True,
@@ -479,7 +586,8 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(out)
         env["load_average_at_end"] = list(os.getloadavg())
         payload = {
-            "benchmark": "partime.scan vs jax.lax.scan, GRU cell",
+            "benchmark": f"partime.scan vs jax.lax.scan, {args.cell} cell"
+            + ("" if args.block is None else f", {args.block}x{args.block} blocks"),
             "environment": env,
             "settings": {
                 **{k: v for k, v in vars(args).items() if k != "out"},

@@ -1,8 +1,15 @@
 import importlib.metadata
 
 from ._fixed_point import fixed_point_solve as fixed_point_solve
+from ._jacobian import (
+    AbstractJacobian as AbstractJacobian,
+    BlockDiagonal as BlockDiagonal,
+    Dense as Dense,
+    Diagonal as Diagonal,
+)
 from ._lds import (
     AbstractTransition as AbstractTransition,
+    BlockDiagonalTransition as BlockDiagonalTransition,
     DenseTransition as DenseTransition,
     DiagonalTransition as DiagonalTransition,
     IdentityTransition as IdentityTransition,

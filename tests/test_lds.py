@@ -6,23 +6,27 @@ import pytest
 import partime
 
 
-T, D = 64, 5
+T, D = 64, 6
 
 
 def _transitions(key, scale):
     """One of each structure, with spectral radius about `scale`."""
-    k1, k2 = jr.split(key)
+    k1, k2, k3 = jr.split(key, 3)
     dense = scale * jr.normal(k1, (T, D, D)) / jnp.sqrt(D)
     diagonal = scale * jr.uniform(k2, (T, D), minval=-1.0, maxval=1.0)
+    blocks = scale * jr.normal(k3, (T, D // 3, 3, 3)) / jnp.sqrt(3)
     return {
         "dense": partime.DenseTransition(dense),
+        "block": partime.BlockDiagonalTransition(blocks),
         "diagonal": partime.DiagonalTransition(diagonal),
         "identity": partime.IdentityTransition(T, D, jnp.float64),
         "zero": partime.ZeroTransition(T, D, jnp.float64),
     }
 
 
-@pytest.mark.parametrize("structure", ["dense", "diagonal", "identity", "zero"])
+@pytest.mark.parametrize(
+    "structure", ["dense", "block", "diagonal", "identity", "zero"]
+)
 @pytest.mark.parametrize("scale", [0.5, 1.2], ids=["stable", "unstable"])
 @pytest.mark.parametrize("reverse", [False, True])
 def test_solve_matches_sequential(getkey, structure, scale, reverse):
@@ -35,7 +39,7 @@ def test_solve_matches_sequential(getkey, structure, scale, reverse):
     assert parallel.dtype == b.dtype
 
 
-@pytest.mark.parametrize("structure", ["dense", "diagonal", "identity"])
+@pytest.mark.parametrize("structure", ["dense", "block", "diagonal", "identity"])
 def test_reverse_is_transpose(getkey, structure):
     """<L^{-1} b, c> == <b, L^{-T} c>: the reverse scan is the transpose."""
     transition = _transitions(getkey(), 0.9)[structure]

@@ -56,6 +56,8 @@ def test_the_check_sees_default_precision():
 
 METHODS = [
     partime.Newton(),
+    # One block of D: the structured scan's (batched) matrix products.
+    partime.Newton(jacobian=partime.BlockDiagonal(D)),
     partime.QuasiNewton(),
     partime.ELK(),
     partime.QuasiELK(),

@@ -113,7 +113,10 @@ def _plot_ode(rows: list[dict[str, Any]]):
     import numpy as np
 
     rows = [row for row in rows if "par_gradient_s" in row]
-    labels = [f"{row['solver']}\nd={row['d']}, T={row['T']:g}" for row in rows]
+    labels = [
+        f"{row['solver']}, {row.get('method', 'Newton')}\nd={row['d']}, T={row['T']:g}"
+        for row in rows
+    ]
     bars = [
         ("diffrax, forward", "seq_forward_s", "#9e9e9e"),
         ("partime, forward", "par_forward_s", "#7986cb"),

@@ -1,8 +1,8 @@
 import equinox as eqx
 
+from .._jacobian import AbstractJacobian, check_probes, Dense
+from .._lds import DiagonalTransition
 from .base import AbstractDampedMethod
-from .newton import dense_linearise
-from .quasi_newton import diagonal_linearise
 
 
 class ELK(AbstractDampedMethod):
@@ -67,7 +67,7 @@ class ELK(AbstractDampedMethod):
         return 50
 
     def linearise(self, step, prev, xs):
-        return dense_linearise(step, prev, xs)
+        return Dense().linearise(step, prev, xs)
 
 
 class QuasiELK(AbstractDampedMethod):
@@ -80,8 +80,8 @@ class QuasiELK(AbstractDampedMethod):
     guards against the model being wrong).
 
     **Arguments:** `rtol`, `atol`, `max_iters` (default 200), `fallback`, `damping`
-    (default `1e-3`); see [`partime.ELK`][]; and `jacobian_batch_size`, see
-    [`partime.QuasiNewton`][].
+    (default `1e-3`); see [`partime.ELK`][]; and `jacobian`, `jacobian_batch_size`,
+    `diagonal_probes`, see [`partime.QuasiNewton`][].
 
     ??? cite "References"
 
@@ -110,11 +110,19 @@ class QuasiELK(AbstractDampedMethod):
     max_iters: int | None = eqx.field(static=True, default=None)
     fallback: bool = eqx.field(static=True, default=True)
     damping: float = eqx.field(static=True, default=1e-3)
+    jacobian: AbstractJacobian = eqx.field(static=True, default=Dense())
     jacobian_batch_size: int | None = eqx.field(static=True, default=None)
+    diagonal_probes: int | None = eqx.field(static=True, default=None)
 
     @property
     def default_max_iters(self):
         return 200
 
     def linearise(self, step, prev, xs):
-        return diagonal_linearise(step, prev, xs, self.jacobian_batch_size)
+        f, diagonal = self.jacobian.diagonal(
+            step, prev, xs, self.jacobian_batch_size, self.diagonal_probes
+        )
+        return f, DiagonalTransition(diagonal)
+
+    def __check_init__(self):
+        check_probes(self.diagonal_probes)

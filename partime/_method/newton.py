@@ -1,19 +1,7 @@
 import equinox as eqx
-import jax
 
-from .._lds import DenseTransition
+from .._jacobian import AbstractJacobian, Dense
 from .base import AbstractMethod
-
-
-def dense_linearise(step, prev, xs):
-    """`f_t(s_{t-1})` and the full Jacobians `∂f_t/∂s_{t-1}`, by forward mode."""
-
-    def value_and_jac(s, x):
-        value = step(s, x)
-        return value, value
-
-    jac, f = jax.vmap(jax.jacfwd(value_and_jac, has_aux=True))(prev, xs)
-    return f, DenseTransition(jac)
 
 
 class Newton(AbstractMethod):
@@ -33,7 +21,16 @@ class Newton(AbstractMethod):
     more exact step per iteration, where damping ([`partime.ELK`][]) gives it up.
 
     **Arguments:** `rtol`, `atol`, `max_iters` (default 50), `fallback`; see
-    [`partime.AbstractMethod`][].
+    [`partime.AbstractMethod`][]; and
+
+    - `jacobian`: the structure of the step's Jacobian, if known:
+        [`partime.Dense`][] (default), [`partime.Diagonal`][] or
+        [`partime.BlockDiagonal`][]`(k)`. With `k x k` blocks each iteration costs
+        `k` forward-mode products per step (instead of `d`), memory `O(T d k)` and
+        `O(d k²)` per scan combine, and the derivative's linear solve uses the same
+        structured scan. Still exact if the declaration is wrong (entries off the
+        structure are dropped: Newton becomes a quasi-Newton method, the convergence
+        test and the fallback keep the answer exact), only slower.
 
     The default cap comes from the convergence study (`benchmarks/convergence.py`):
     from a constant guess Newton converges in 4–31 iterations wherever the
@@ -62,10 +59,11 @@ class Newton(AbstractMethod):
     atol: float | None = eqx.field(static=True, default=None)
     max_iters: int | None = eqx.field(static=True, default=None)
     fallback: bool = eqx.field(static=True, default=True)
+    jacobian: AbstractJacobian = eqx.field(static=True, default=Dense())
 
     @property
     def default_max_iters(self):
         return 50
 
     def linearise(self, step, prev, xs):
-        return dense_linearise(step, prev, xs)
+        return self.jacobian.linearise(step, prev, xs)
