@@ -15,7 +15,7 @@ import jax.tree_util as jtu
 from diffrax._root_finder import use_stepsize_tol
 from diffrax._term import AdjointTerm
 from jax.sharding import Mesh
-from jaxtyping import Array, Int, PyTree
+from jaxtyping import Array, Float, Int, PyTree
 
 from ._brownian_increments import store_increments
 from ._fixed_point import fixed_point_solve, previous
@@ -23,7 +23,10 @@ from ._flatten import Flattener
 from ._inner_step import (
     best_guess,
     coarse_guess,
+    coarse_pass,
     flat_step as make_flat_step,
+    perturbation_growth,
+    step_outputs,
     with_bounded_scan,
     with_portable_lu,
 )
@@ -44,16 +47,34 @@ class ParallelSolverState(eqx.Module):
 
     - `num_iterations`: total fixed-point iterations over all accepted windows.
     - `num_fallbacks`: number of accepted windows whose fixed-point iteration did not
-        converge within its cap and was finished by the exact sequential fallback.
+        converge within its cap and was finished by the exact sequential fallback
+        (including windows given to it at once as chaotic).
+    - `lyapunov`: an estimate of the largest Lyapunov exponent per unit time, over
+        the last accepted window: from the growth of a perturbation carried along
+        the coarse pass, or without one (`coarse_steps=0`) from the step Jacobians
+        at the iterate (`partime.Stats.lyapunov`). NaN before the first window,
+        and when neither is available. `lyapunov · (t1 - t0)` above a few units
+        means chaos over the window.
     """
 
     num_iterations: Int[Array, ""]
     num_fallbacks: Int[Array, ""]
+    lyapunov: Float[Array, ""]
 
 
 def _is_count(value: Any, minimum: int) -> bool:
     """Whether `value` is a Python `int` (not a `bool`) of at least `minimum`."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+# A window is handed to the exact sequential fallback at once when a perturbation
+# grows more than `e^{_CHAOTIC}`-fold (about 3000-fold) along its coarse pass
+# (`λ·(t1 - t0)` above it). Chosen from the convergence study: of the windows on
+# which Newton converged (pendulum, also near its separatrix, damped pendulum, van
+# der Pol, Lorenz-63 over up to 5 time units) none grew more than `e^6`; over 20
+# time units Lorenz-63 grows `e^9` to `e^10` and Newton falls back after 2
+# wasted iterations.
+_CHAOTIC = 8.0
 
 
 _BACKSOLVE_MESSAGE = (
@@ -417,11 +438,14 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
         return self.solver.error_order(terms)
 
     def init(self, terms, t0, t1, y0, args) -> ParallelSolverState:
-        del t0, t1, y0, args
+        del t0, t1, args
         _check_terms(terms)
         _check_not_backsolve()
         zero = jnp.array(0, dtype=jnp.int32)
-        return ParallelSolverState(num_iterations=zero, num_fallbacks=zero)
+        nan = jnp.asarray(jnp.nan, Flattener(y0).dtype)
+        return ParallelSolverState(
+            num_iterations=zero, num_fallbacks=zero, lyapunov=nan
+        )
 
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
         # Every inner step calls the inner `init` afresh (below), so first-same-as-last
@@ -448,27 +472,48 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
 
             return inner_step
 
-        inner_step = make_inner_step(make_terms)
         flat_step = make_flat_step(solver, make_terms, args, flattener)
         candidates = []
+        growth = None
         if self.coarse_steps != 0:
             # The coarse steps take the terms as they are: for an SDE, the Brownian
             # motion over each long step.
             coarse_inner_step = make_inner_step(lambda _: terms)
-            coarse_ts = inner_grid(t0, t1, self._num_coarse_steps)
+            num_coarse = self._num_coarse_steps
+            coarse_ts = inner_grid(t0, t1, num_coarse)
+            infos = coarse_pass(
+                lambda y, x: coarse_inner_step(y, (*x, ())), ravel, y0_flat, coarse_ts
+            )
             candidates.append(
-                coarse_guess(
-                    lambda y, x: coarse_inner_step(y, (*x, ())),
-                    solver.interpolation_cls,
-                    ravel,
-                    y0_flat,
-                    ts,
-                    coarse_ts,
+                lambda: coarse_guess(
+                    solver.interpolation_cls, ravel, infos, ts, coarse_ts
                 )
             )
-        if self.guess is not None:
-            candidates.append(jax.vmap(lambda t: ravel(self.guess(t)))(ts[1:]))
-        guess = best_guess(flat_step, y0_flat, xs, candidates) if candidates else None
+            coarse_flat_step = make_flat_step(solver, lambda _: terms, args, flattener)
+            growth = perturbation_growth(
+                lambda y, x: coarse_flat_step(y, (*x, ())),
+                y0_flat,
+                coarse_ts,
+                inner_grid(t0, t1, min(4 * num_coarse, self.num_steps)),
+            )
+        # Chaos: a perturbation grows more than `e^{_CHAOTIC}`-fold over the window
+        # along the coarse pass. The iteration could not pay (it would run into its
+        # hopeless-case test after costly iterations): every inner step goes to the
+        # exact sequential fallback at once, for about a sequential solve's cost.
+        give_up = jnp.asarray(False)
+        if growth is not None and self.method.fallback:
+            # NaN (no finite coarse pass): no prediction.
+            give_up = growth > _CHAOTIC
+        if candidates:
+            guess = jax.lax.cond(
+                give_up,
+                lambda: jnp.broadcast_to(y0_flat, (self.num_steps, y0_flat.shape[0])),
+                lambda: best_guess(
+                    flat_step, y0_flat, xs, [make() for make in candidates]
+                ),
+            )
+        else:
+            guess = None
         # A sliding window of `window` inner steps moves through this one, or the
         # inner steps split over the mesh's time axis.
         window = self.window if self.window and self.window < self.num_steps else None
@@ -482,12 +527,14 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
             mesh=self.mesh,
             axis_name=self.axis_name,
             throw=False,
+            give_up=give_up,
         )
         y_prevs = previous(y0_flat, states, mesh=self.mesh, axis_name=self.axis_name)
 
         # One more vectorised pass at the converged states, for the parts of each inner
         # step the iteration does not keep: its error estimate and dense info.
-        _, y_errors, dense_infos, _, inner_results = jax.vmap(inner_step)(y_prevs, xs)
+        outputs = step_outputs(solver, make_terms, args, flattener)
+        y_errors, dense_infos, inner_results = jax.vmap(outputs)(y_prevs, states, xs)
         y1 = unravel(states[-1])
 
         result = diffrax.RESULTS.promote(stats.result)
@@ -506,11 +553,17 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
             y_error = jtu.tree_map(
                 lambda e: jnp.where(ok, jnp.sum(jnp.abs(e), axis=0), jnp.inf), y_errors
             )
+        if growth is None:
+            per_step = stats.lyapunov * self.num_steps
+        else:
+            per_step = growth
+        lyapunov = (per_step / (t1 - t0)).astype(solver_state.lyapunov.dtype)
         new_state = ParallelSolverState(
             num_iterations=solver_state.num_iterations
             + stats.num_iterations.astype(jnp.int32),
             num_fallbacks=solver_state.num_fallbacks
             + stats.fell_back.astype(jnp.int32),
+            lyapunov=lyapunov,
         )
         return y1, y_error, dict(infos=dense_infos), new_state, result
 

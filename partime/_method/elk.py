@@ -1,3 +1,5 @@
+from typing import ClassVar
+
 import equinox as eqx
 
 from .base import AbstractDampedMethod
@@ -111,6 +113,8 @@ class QuasiELK(AbstractDampedMethod):
     fallback: bool = eqx.field(static=True, default=True)
     damping: float = eqx.field(static=True, default=1e-3)
     jacobian_batch_size: int | None = eqx.field(static=True, default=None)
+
+    transitions_are_jacobians: ClassVar[bool] = False
 
     @property
     def default_max_iters(self):

@@ -1,3 +1,5 @@
+from typing import ClassVar
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -70,6 +72,8 @@ class QuasiNewton(AbstractMethod):
     atol: float | None = eqx.field(static=True, default=None)
     max_iters: int | None = eqx.field(static=True, default=None)
     fallback: bool = eqx.field(static=True, default=True)
+
+    transitions_are_jacobians: ClassVar[bool] = False
     jacobian_batch_size: int | None = eqx.field(static=True, default=None)
 
     @property
