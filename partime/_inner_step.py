@@ -201,13 +201,14 @@ def coarse_guess(interpolation_cls, ravel, infos, ts, coarse_ts):
     return jax.vmap(evaluate)(ts[1:], index)
 
 
-def perturbation_growth(step, y0_flat, coarse_ts, finer_ts):
+def perturbation_growth(step, y0_flat, grids):
     """`log ‖J v‖` summed over a sequential pass of long steps, for a fixed unit
     vector `v` renormalised after every step: the log-growth of a perturbation
     over the window, whose rate is the largest Lyapunov exponent along the pass.
-    `step(y_flat, (ta, tb))` is one long step. Over `coarse_ts`, or, where that
-    pass is not finite (a long step beyond the solver's stability region), over
-    `finer_ts`; NaN if neither is finite. No gradient flows through it."""
+    `step(y_flat, (ta, tb))` is one long step. Over the first of the step grids
+    `grids` (coarse to fine) whose pass is finite (a long step can be beyond the
+    solver's stability region): a finer pass runs only where the coarser one was
+    not finite. NaN if none is. No gradient flows through it."""
     y0_flat = jax.lax.stop_gradient(y0_flat)
     # A fixed direction (deterministic), unlikely to be orthogonal to the growing one.
     v0 = jr.normal(jr.PRNGKey(0), y0_flat.shape, y0_flat.dtype)
@@ -225,10 +226,15 @@ def perturbation_growth(step, y0_flat, coarse_ts, finer_ts):
         (_, _, growth), _ = jax.lax.scan(body, start, (ts[:-1], ts[1:]))
         return growth
 
-    growth = growth_over(coarse_ts)
-    growth = jax.lax.cond(
-        jnp.isfinite(growth), lambda: growth, lambda: growth_over(finer_ts)
-    )
+    def first_finite(grids):
+        growth = growth_over(grids[0])
+        if len(grids) == 1:
+            return growth
+        return jax.lax.cond(
+            jnp.isfinite(growth), lambda: growth, lambda: first_finite(grids[1:])
+        )
+
+    growth = first_finite(grids)
     return jax.lax.stop_gradient(jnp.where(jnp.isfinite(growth), growth, jnp.nan))
 
 
