@@ -201,14 +201,22 @@ def coarse_guess(interpolation_cls, ravel, infos, ts, coarse_ts):
     return jax.vmap(evaluate)(ts[1:], index)
 
 
-def perturbation_growth(step, y0_flat, grids):
+def perturbation_growth(step, y0_flat, grids, threshold):
     """`log ‖J v‖` summed over a sequential pass of long steps, for a fixed unit
     vector `v` renormalised after every step: the log-growth of a perturbation
     over the window, whose rate is the largest Lyapunov exponent along the pass.
-    `step(y_flat, (ta, tb))` is one long step. Over the first of the step grids
-    `grids` (coarse to fine) whose pass is finite (a long step can be beyond the
-    solver's stability region): a finer pass runs only where the coarser one was
-    not finite. NaN if none is. No gradient flows through it."""
+    `step(y_flat, (ta, tb))` is one long step; `grids` are step grids from coarse
+    to fine.
+
+    A long step beyond the solver's stability region makes perturbations grow
+    too (or overflow), as chaos does; unlike chaos, that growth changes when the
+    step is refined. So the passes go on to the next grid while the growth is not
+    finite or above `threshold` and not yet confirmed by the previous grid (within
+    a third; finite-time growths along chaotic trajectories differ by some 25%
+    between grids, an unstable step's by more): the estimate is that of the first grid whose growth is at most
+    `threshold`, or of the second of two consecutive grids that agree above it, or
+    of the finest. One pass where the coarse one is stable and shows no chaos. NaN
+    if no pass is finite. No gradient flows through it."""
     y0_flat = jax.lax.stop_gradient(y0_flat)
     # A fixed direction (deterministic), unlikely to be orthogonal to the growing one.
     v0 = jr.normal(jr.PRNGKey(0), y0_flat.shape, y0_flat.dtype)
@@ -224,18 +232,21 @@ def perturbation_growth(step, y0_flat, grids):
 
         start = (y0_flat, v0, jnp.zeros((), y0_flat.dtype))
         (_, _, growth), _ = jax.lax.scan(body, start, (ts[:-1], ts[1:]))
-        return growth
+        return jnp.where(jnp.isfinite(growth), growth, jnp.nan)
 
-    def first_finite(grids):
+    def refine(grids, previous):
         growth = growth_over(grids[0])
         if len(grids) == 1:
             return growth
+        high = ~(growth <= threshold)  # NaN included
+        agree = jnp.abs(growth - previous) <= jnp.minimum(growth, previous) / 3
+        confirmed = (growth > threshold) & (previous > threshold) & agree
         return jax.lax.cond(
-            jnp.isfinite(growth), lambda: growth, lambda: first_finite(grids[1:])
+            high & ~confirmed, lambda: refine(grids[1:], growth), lambda: growth
         )
 
-    growth = first_finite(grids)
-    return jax.lax.stop_gradient(jnp.where(jnp.isfinite(growth), growth, jnp.nan))
+    growth = refine(grids, jnp.asarray(jnp.nan, y0_flat.dtype))
+    return jax.lax.stop_gradient(growth)
 
 
 def best_guess(flat_step, y0_flat, xs, candidates):

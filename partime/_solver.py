@@ -490,13 +490,14 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
                 )
             )
             coarse_flat_step = make_flat_step(solver, lambda _: terms, args, flattener)
-            # Refined 4x, then 16x, where the coarse pass is unstable.
-            refined = {min(k * num_coarse, self.num_steps) for k in (4, 16)}
+            # Refined up to 16x where the coarse pass is unstable or looks chaotic.
+            refined = {min(k * num_coarse, self.num_steps) for k in (2, 4, 8, 16)}
             refined = sorted(refined - {num_coarse})
             growth = perturbation_growth(
                 lambda y, x: coarse_flat_step(y, (*x, ())),
                 y0_flat,
                 [coarse_ts] + [inner_grid(t0, t1, n) for n in refined],
+                _CHAOTIC,
             )
         # Chaos: a perturbation grows more than `e^{_CHAOTIC}`-fold over the window
         # along the coarse pass. The iteration could not pay (it would run into its
