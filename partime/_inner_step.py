@@ -212,11 +212,12 @@ def perturbation_growth(step, y0_flat, grids, threshold):
     too (or overflow), as chaos does; unlike chaos, that growth changes when the
     step is refined. So the passes go on to the next grid while the growth is not
     finite or above `threshold` and not yet confirmed by the previous grid (within
-    a third; finite-time growths along chaotic trajectories differ by some 25%
-    between grids, an unstable step's by more): the estimate is that of the first grid whose growth is at most
-    `threshold`, or of the second of two consecutive grids that agree above it, or
-    of the finest. One pass where the coarse one is stable and shows no chaos. NaN
-    if no pass is finite. No gradient flows through it."""
+    a third: finite-time growths along chaotic trajectories differ by some 25%
+    between grids, an unstable step's by more). The estimate is that of the first
+    grid whose growth is at most `threshold`, or of the second of two consecutive
+    grids that agree above it, or of the finest: one pass where the coarse one is
+    stable and shows no chaos. NaN if no pass is finite. No gradient flows through
+    it."""
     y0_flat = jax.lax.stop_gradient(y0_flat)
     # A fixed direction (deterministic), unlikely to be orthogonal to the growing one.
     v0 = jr.normal(jr.PRNGKey(0), y0_flat.shape, y0_flat.dtype)
