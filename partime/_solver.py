@@ -562,7 +562,8 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
             per_step = stats.lyapunov * self.num_steps
         else:
             per_step = growth
-        lyapunov = (per_step / (t1 - t0)).astype(solver_state.lyapunov.dtype)
+        dtype = solver_state.lyapunov.dtype
+        lyapunov = per_step.astype(dtype) / jnp.asarray(t1 - t0).astype(dtype)
         new_state = ParallelSolverState(
             num_iterations=solver_state.num_iterations
             + stats.num_iterations.astype(jnp.int32),
