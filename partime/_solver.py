@@ -501,6 +501,8 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
                 [coarse_ts] + [inner_grid(t0, t1, n) for n in refined],
                 _CHAOTIC,
             )
+        if self.guess is not None:
+            candidates.append(lambda: jax.vmap(lambda t: ravel(self.guess(t)))(ts[1:]))
         # Chaos: a perturbation grows more than `e^{_CHAOTIC}`-fold over the window
         # along the coarse pass. The iteration could not pay (it would run into its
         # hopeless-case test after costly iterations): every inner step goes to the
