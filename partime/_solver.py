@@ -263,7 +263,8 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
     - With `SaveAt(..., solver_state=True)`, `sol.solver_state` is a
         `ParallelSolverState` with `num_iterations` (total fixed-point iterations)
         and `num_fallbacks` (windows that fell back to sequential stepping), summed
-        over accepted windows.
+        over accepted windows, and `lyapunov`, an estimate of the largest Lyapunov
+        exponent per unit time over the last window.
 
     **Gradients.** Each window is differentiated implicitly (one parallel linear solve
     at the converged solution, never by unrolling the iterations), so the backward
