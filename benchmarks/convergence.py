@@ -22,7 +22,13 @@ Four parts, each a table:
     a coarse sequential pass (RK4 with `⌈√T⌉` times longer steps, linearly
     interpolated; ODE systems only) and from the previous trajectory (the solution
     for parameters perturbed by 1%, as between two training steps).
-4. **Lorenz-63 end to end**: `2·10⁴` Tsit5 steps over 20 time units in one window,
+4. **Defaults against sequential** (`--parts speed`): the shipped defaults
+    (`partime.ParallelSolver()` with one window, `partime.scan`) on a chaotic, a
+    neutral and two contracting problems, against sequential diffrax on the same
+    inner grid (or `jax.lax.scan`) measured in the same run, interleaved: parallel
+    iterations, steps computed by the fallback, the estimate `λ·T`, median time
+    ratio, and error (every row checks its answer first).
+5. **Lorenz-63 end to end**: `2·10⁴` Tsit5 steps over 20 time units in one window,
     the default `partime.ParallelSolver()` against sequential `diffrax.Tsit5`
     (best of `--repeats` calls), and `fixed_point_solve` alone on the same Tsit5
     step map, with the iterations it spent before falling back.
@@ -298,23 +304,25 @@ def part_lorenz(repeats):
     y0 = jnp.array([1.0, 1.0, 1.0])
     term = diffrax.ODETerm(lambda t, y, args: _lorenz(t, y, 1.0))
 
+    # Every function takes `y0` as an argument: closing over it lets XLA fold
+    # constants, which moved diffrax's time by 2x here.
     def best(fn):
-        jax.block_until_ready(fn())
+        jax.block_until_ready(fn(y0))
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
-            jax.block_until_ready(fn())
+            jax.block_until_ready(fn(y0))
             times.append(time.perf_counter() - start)
         return min(times)
 
     @jax.jit
-    def sequential_diffrax():
+    def sequential_diffrax(y0):
         return diffrax.diffeqsolve(
             term, diffrax.Tsit5(), 0.0, t1, t1 / length, y0, max_steps=length
         ).ys[-1]
 
     @jax.jit
-    def parallel():
+    def parallel(y0):
         solution = diffrax.diffeqsolve(
             term,
             partime.ParallelSolver(num_steps=length),
@@ -344,16 +352,16 @@ def part_lorenz(repeats):
     xs = (ts[:-1], ts[1:])
 
     @jax.jit
-    def fixed_point():
+    def fixed_point(y0):
         states, stats = partime.fixed_point_solve(tsit5, y0, xs, partime.Newton())
         return states[-1], stats.num_iterations, stats.fallback_start
 
-    reference = sequential_diffrax()
+    reference = sequential_diffrax(y0)
     t_seq = best(sequential_diffrax)
     t_par = best(parallel)
     t_fp = best(fixed_point)
-    y_par, state = parallel()
-    y_fp, iterations, start = fixed_point()
+    y_par, state = parallel(y0)
+    y_fp, iterations, start = fixed_point(y0)
     result = {
         "T": length,
         "sequential_diffrax_s": t_seq,
@@ -370,6 +378,136 @@ def part_lorenz(repeats):
     }
     print("  " + ", ".join(f"{k}={v:.3g}" for k, v in result.items()), flush=True)
     return result
+
+
+def _interleaved_medians(fns, args, repeats):
+    """Median wall time of each of `fns(*args)`, calls interleaved so that a load
+    change on the shared CPU hits every function alike."""
+    for fn in fns:
+        jax.block_until_ready(fn(*args))
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, out in zip(fns, times):
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            out.append(time.perf_counter() - start)
+    return [float(np.median(t)) for t in times]
+
+
+def part_speed(repeats):
+    import diffrax
+
+    rows = []
+    odes = {
+        # name: (vector field, y0, t1, inner steps, kind)
+        "lorenz": (_lorenz, [1.0, 1.0, 1.0], 20.0, 20_000, "chaotic"),
+        "pendulum": (_pendulum(0.0), [2.5, 0.0], 20.0, 2_000, "neutral"),
+        "damped-pendulum": (_pendulum(0.5), [2.5, 0.0], 20.0, 2_000, "contracting"),
+    }
+    for name, (field, y0, t1, num_steps, kind) in odes.items():
+        term = diffrax.ODETerm(lambda t, y, args, field=field: field(t, y, 1.0))
+        y0 = jnp.asarray(y0)
+
+        @jax.jit
+        def sequential_diffrax(y0, term=term, t1=t1, num_steps=num_steps):
+            # The same grid up to rounding, with a constant step: diffrax's fastest
+            # way to step it (`StepTo` on the exact grid costs more).
+            return diffrax.diffeqsolve(
+                term,
+                diffrax.Tsit5(),
+                0.0,
+                t1,
+                t1 / num_steps,
+                y0,
+                max_steps=num_steps,
+            ).ys[-1]
+
+        @jax.jit
+        def parallel(y0, term=term, t1=t1, num_steps=num_steps):
+            solution = diffrax.diffeqsolve(
+                term,
+                partime.ParallelSolver(num_steps=num_steps),
+                0.0,
+                t1,
+                t1,
+                y0,
+                saveat=diffrax.SaveAt(t1=True, solver_state=True),
+                max_steps=1,
+            )
+            return solution.ys[-1], solution.solver_state
+
+        reference = sequential_diffrax(y0)
+        y_par, state = parallel(y0)
+        error = max_rel_error(y_par, reference)
+        t_seq, t_par = _interleaved_medians(
+            [sequential_diffrax, lambda y: parallel(y)[0]], (y0,), repeats
+        )
+        rows.append(
+            {
+                "problem": f"{name} (Tsit5, t1={t1:g})",
+                "kind": kind,
+                "steps": num_steps,
+                "reference": "diffrax",
+                "iterations": int(state.num_iterations),
+                "fallback_steps": num_steps if int(state.num_fallbacks) else 0,
+                "lyapunov_times_T": float(state.lyapunov) * t1,
+                "sequential_s": t_seq,
+                "parallel_s": t_par,
+                "ratio": t_par / t_seq,
+                "error": error,
+            }
+        )
+        print("  " + str(rows[-1]), flush=True)
+    make, kind, _ = SYSTEMS["rnn-0.9"]
+    length = 10_000
+    step, init, xs = make(length)
+    cell = lambda h, x: (step(h, x),) * 2
+    scan_seq = jax.jit(lambda init, xs: jax.lax.scan(cell, init, xs)[1])
+    scan_par = jax.jit(lambda init, xs: partime.scan(cell, init, xs, return_stats=True))
+    reference = scan_seq(init, xs)
+    _, ys, stats = scan_par(init, xs)
+    error = max_rel_error(ys, reference)
+    t_seq, t_par = _interleaved_medians(
+        [scan_seq, lambda i, x: scan_par(i, x)[1]], (init, xs), repeats
+    )
+    rows.append(
+        {
+            "problem": "rnn-0.9 (partime.scan)",
+            "kind": kind,
+            "steps": length,
+            "reference": "lax.scan",
+            "iterations": int(stats.num_iterations),
+            "fallback_steps": int(stats.num_sequential_steps),
+            "lyapunov_times_T": float(stats.lyapunov) * length,
+            "sequential_s": t_seq,
+            "parallel_s": t_par,
+            "ratio": t_par / t_seq,
+            "error": error,
+        }
+    )
+    print("  " + str(rows[-1]), flush=True)
+    return rows
+
+
+def speed_table(rows):
+    header = ["problem", "kind", "steps", "λ·T", "iterations", "fallback steps"]
+    header += ["sequential (ms)", "defaults (ms)", "time / sequential", "error"]
+    body = [
+        [
+            r["problem"],
+            r["kind"],
+            str(r["steps"]),
+            f"{r['lyapunov_times_T']:+.1f}",
+            str(r["iterations"]),
+            str(r["fallback_steps"]),
+            f"{1e3 * r['sequential_s']:.2f} ({r['reference']})",
+            f"{1e3 * r['parallel_s']:.2f}",
+            f"{r['ratio']:.2f}",
+            f"{r['error']:.1e}",
+        ]
+        for r in rows
+    ]
+    return header, body
 
 
 # Tables -----------------------------------------------------------------------------
@@ -457,7 +595,9 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", type=str, default=None)
     parser.add_argument(
-        "--parts", nargs="+", default=["iterations", "defaults", "warm", "lorenz"]
+        "--parts",
+        nargs="+",
+        default=["iterations", "defaults", "warm", "speed", "lorenz"],
     )
     args = parser.parse_args(argv)
 
@@ -470,7 +610,7 @@ def main(argv=None):
         lengths = [100, 1000]
         systems = ["rnn-0.9", "lorenz"]
         warm_length = 1000
-        parts = [p for p in args.parts if p not in ("lorenz", "defaults")]
+        parts = [p for p in args.parts if p not in ("lorenz", "defaults", "speed")]
     else:
         lengths = [100, 1000, 10_000, 100_000]
         systems = list(SYSTEMS)
@@ -538,6 +678,21 @@ def main(argv=None):
             for r in rows
         ]
         md.append(f"\n\n## Warm starts (iterations, cap {args.cap})\n\n")
+        md.append(markdown_table(header, body))
+        print(text_table(header, body), flush=True)
+    if "speed" in parts:
+        print("\nDefaults against sequential:", flush=True)
+        rows = part_speed(args.repeats)
+        payload["speed"] = rows
+        header, body = speed_table(rows)
+        md.append("\n\n## Defaults against sequential (one window, median times)\n\n")
+        md.append(
+            "Measured on a shared, loaded 2-core CPU (other jobs running): the times "
+            "are medians of interleaved calls, and the ratio (defaults / sequential, "
+            "below 1 is faster) is the figure to read. `λ·T`: the solver's own "
+            "estimate (`ParallelSolverState.lyapunov`, `Stats.lyapunov`). The "
+            "chaotic window goes to the sequential fallback without an iteration.\n\n"
+        )
         md.append(markdown_table(header, body))
         print(text_table(header, body), flush=True)
     if "lorenz" in parts:

@@ -1,5 +1,6 @@
 import importlib.metadata
 
+from ._diagnose import diagnose as diagnose, Diagnosis as Diagnosis
 from ._fixed_point import fixed_point_solve as fixed_point_solve
 from ._jacobian import (
     AbstractJacobian as AbstractJacobian,

@@ -138,10 +138,10 @@ def previous(
 
 
 @eqx.filter_custom_jvp
-def _solve(step, init, xs, guess, scale, *, method, layout):
+def _solve(step, init, xs, guess, scale, give_up, *, method, layout):
     guess = jax.lax.stop_gradient(guess)
     states, stats = layout.forward(
-        step, init, xs, guess, jax.lax.stop_gradient(scale), method
+        step, init, xs, guess, jax.lax.stop_gradient(scale), method, give_up
     )
     # Custom-JVP outputs must be arrays: the statistics leave without their static part.
     return states, eqx.filter(stats, eqx.is_array)
@@ -151,9 +151,11 @@ def _solve(step, init, xs, guess, scale, *, method, layout):
 def _solve_jvp(primals, tangents, *, method, layout):
     """The one implicit derivative rule: every layout differs only in its linear
     solve (a whole scan, a scan over checkpointed blocks, a scan across devices)."""
-    step, init, xs, guess, scale = primals
-    t_step, t_init, t_xs, _, _ = tangents
-    states, stats = _solve(step, init, xs, guess, scale, method=method, layout=layout)
+    step, init, xs, guess, scale, give_up = primals
+    t_step, t_init, t_xs, *_ = tangents
+    states, stats = _solve(
+        step, init, xs, guess, scale, give_up, method=method, layout=layout
+    )
     t_states = layout.tangent_solve(
         step, init, xs, states, (t_step, t_init, t_xs), method
     )
@@ -175,6 +177,7 @@ def fixed_point_solve(
     mesh: Mesh | None = None,
     axis_name: str | None = None,
     throw: bool = True,
+    give_up: ArrayLike | None = None,
 ) -> tuple[Float[Array, "T d"], Stats]:
     """Evaluates the recurrence `s_t = step(s_{t-1}, x_t)`, `t = 1..T`, in parallel.
 
@@ -197,6 +200,12 @@ def fixed_point_solve(
         `axis_name` (see *Meshes* below).
     - `throw`: raise an error if the solve failed (possible only with
         `fallback=False`, or a non-finite `init`). If `False`, check `stats.result`.
+    - `give_up`: a boolean scalar (may be traced): if true and the method has a
+        fallback, the iteration is not attempted — no Jacobian, no iteration — and
+        the exact sequential fallback computes every step after the guess's prefix
+        that is exact to rounding. For a caller that already knows the iteration
+        is hopeless, e.g. from an estimate of the Lyapunov exponent
+        (`partime.ParallelSolver` passes its coarse pass's).
 
     **Returns:** `(states, stats)`: `s_1..s_T` with shape `(T, d)`, and a
     [`partime.Stats`][].
@@ -312,8 +321,13 @@ def fixed_point_solve(
     )
     if guess is None:
         guess = layout.default_guess(init)
+    give_up = jnp.asarray(False if give_up is None else give_up)
+    if give_up.shape != () or give_up.dtype != jnp.bool_:
+        raise ValueError(
+            f"`give_up` must be a boolean scalar, got {give_up.dtype}{give_up.shape}."
+        )
     states, dynamic_stats = _solve(
-        closed, init, xs_solve, guess, scale, method=method, layout=layout
+        closed, init, xs_solve, guess, scale, give_up, method=method, layout=layout
     )
     zero = count(0)
     skeleton = Stats(
@@ -323,6 +337,7 @@ def fixed_point_solve(
         fallback_start=zero,
         length=length,
         result=RESULTS.successful,
+        lyapunov=jnp.zeros((), init.dtype),
     )
     stats = eqx.combine(dynamic_stats, skeleton)
     if throw:

@@ -7,6 +7,7 @@ import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import jax.random as jr
 import jax.tree_util as jtu
 import lineax as lx
 import numpy as np
@@ -56,6 +57,43 @@ def with_portable_lu(solver: diffrax.AbstractSolver) -> diffrax.AbstractSolver:
     return eqx.tree_at(lambda s: s.root_finder.linear_solver, solver, PortableLU())
 
 
+def _is_butcher_erk(solver) -> bool:
+    # `type(...)`, not `isinstance`: diffrax forwards `isinstance` through wrappers.
+    return issubclass(type(solver), diffrax.AbstractERK) and isinstance(
+        solver.tableau, diffrax.ButcherTableau
+    )
+
+
+def _erk_stages(solver, make_terms, args, flattener, num_stages):
+    """The first `num_stages` stage increments `k_i` (flat) of an explicit
+    Runge--Kutta step, from the solver's (public) Butcher tableau, as straight-line
+    code: `(y_flat, x) -> (ks, control)`."""
+    ravel, unravel = flattener.ravel, flattener.unravel
+    tableau = solver.tableau
+
+    def stages(y_flat, x):
+        ta, tb, increments = x
+        terms = make_terms(increments)
+        control = terms.contr(ta, tb)
+        ks = []
+        for i in range(num_stages):
+            if i == 0:
+                ti, yi = ta, y_flat
+            else:
+                ci = float(tableau.c[i - 1])
+                ti = tb if ci == 1 else ta + ci * (tb - ta)
+                yi = _combine(y_flat, tableau.a_lower[i - 1].tolist(), ks)
+            ks.append(ravel(terms.vf_prod(ti, unravel(yi), args, control)))
+        return ks
+
+    return stages
+
+
+def _combine(y_flat, coefficients, ks):
+    terms_ = [c * k for c, k in zip(coefficients, ks) if c != 0]
+    return y_flat + sum(terms_[1:], terms_[0]) if terms_ else y_flat
+
+
 def flat_step(solver, make_terms, args, flattener) -> Callable:
     """One inner step `(y_{k-1}, x_k) -> y_k` on flat states: the map whose iterates
     the fixed-point solve looks for. `x_k = (t_{k-1}, t_k, increments_k)`, and
@@ -67,15 +105,11 @@ def flat_step(solver, make_terms, args, flattener) -> Callable:
     diffrax's `step` runs a loop over the stages; and the stages that do not enter
     `y_k` (the first-same-as-last stage of Tsit5, Dopri5, ...; only the error estimate
     and dense output use it) are skipped. Other solvers take their own `init` + `step`
-    per inner step. Either way diffrax's `step` is evaluated once more at the converged
-    states, for the error estimates and dense output.
+    per inner step. The error estimates and dense output come from `step_outputs`, at
+    the converged states.
     """
     ravel, unravel = flattener.ravel, flattener.unravel
-    # `type(...)`, not `isinstance`: diffrax forwards `isinstance` through wrappers.
-    if not (
-        issubclass(type(solver), diffrax.AbstractERK)
-        and isinstance(solver.tableau, diffrax.ButcherTableau)
-    ):
+    if not _is_butcher_erk(solver):
 
         def diffrax_step(y_flat, x):
             ta, tb, increments = x
@@ -87,45 +121,74 @@ def flat_step(solver, make_terms, args, flattener) -> Callable:
 
         return diffrax_step
 
-    tableau = solver.tableau
-    b_sol = np.asarray(tableau.b_sol)
+    b_sol = np.asarray(solver.tableau.b_sol)
     num_stages = int(np.flatnonzero(b_sol)[-1]) + 1
-
-    def combine(y_flat, coefficients, ks):
-        terms_ = [c * k for c, k in zip(coefficients, ks) if c != 0]
-        return y_flat + sum(terms_[1:], terms_[0]) if terms_ else y_flat
+    stages = _erk_stages(solver, make_terms, args, flattener, num_stages)
 
     def erk_step(y_flat, x):
-        ta, tb, increments = x
-        terms = make_terms(increments)
-        control = terms.contr(ta, tb)
-        ks = []
-        for i in range(num_stages):
-            if i == 0:
-                ti, yi = ta, y_flat
-            else:
-                ci = float(tableau.c[i - 1])
-                ti = tb if ci == 1 else ta + ci * (tb - ta)
-                yi = combine(y_flat, tableau.a_lower[i - 1].tolist(), ks)
-            ki = terms.vf_prod(ti, unravel(yi), args, control)
-            ks.append(ravel(ki))
+        ks = stages(y_flat, x)
         # Rounded to the state's dtype where that is narrower, as diffrax's step is.
-        return ravel(unravel(combine(y_flat, b_sol.tolist(), ks)))
+        return ravel(unravel(_combine(y_flat, b_sol.tolist(), ks)))
 
     return erk_step
 
 
-def coarse_guess(inner_step, interpolation_cls, ravel, y0_flat, ts, coarse_ts):
-    """A first iterate for a window: the inner solver stepped sequentially over the
-    few long steps `coarse_ts`, and its dense output at the inner grid `ts` (a
-    parareal-style predictor). `inner_step` takes the original terms (for an SDE,
-    the Brownian motion over the long steps); `ravel` flattens a state."""
+def step_outputs(solver, make_terms, args, flattener) -> Callable:
+    """What an inner step gives besides its end state, at a known end state:
+    `(y_{k-1}, y_k, x_k) -> (y_error, dense_info, result)`, as diffrax's `step`
+    returns them. Explicit Runge--Kutta steps evaluate every stage of the tableau
+    (the first-same-as-last one included: the dense output uses it) as straight-line
+    code, in the shapes of diffrax's own dense info (`y0`, `y1`, `k` with the stages
+    on a leading axis); other solvers run diffrax's `init` + `step`."""
+    unravel = flattener.unravel
+    if not _is_butcher_erk(solver):
+
+        def diffrax_outputs(y_flat, y1_flat, x):
+            del y1_flat
+            ta, tb, increments = x
+            terms = make_terms(increments)
+            y = unravel(y_flat)
+            state = solver.init(terms, ta, tb, y, args)
+            _, y_error, info, _, result = solver.step(
+                terms, ta, tb, y, args, state, made_jump=False
+            )
+            return y_error, info, result
+
+        return diffrax_outputs
+
+    tableau = solver.tableau
+    num_stages = len(tableau.c) + 1
+    stages = _erk_stages(solver, make_terms, args, flattener, num_stages)
+    b_error = np.asarray(tableau.b_error).tolist()
+
+    def erk_outputs(y_flat, y1_flat, x):
+        ks = stages(y_flat, x)
+        zero = jnp.zeros_like(y_flat)
+        y_error = unravel(_combine(zero, b_error, ks))
+        k = jax.vmap(unravel)(jnp.stack(ks))
+        info = dict(y0=unravel(y_flat), y1=unravel(y1_flat), k=k)
+        return y_error, info, diffrax.RESULTS.successful
+
+    return erk_outputs
+
+
+def coarse_pass(inner_step, ravel, y0_flat, coarse_ts):
+    """The inner solver stepped sequentially over the few long steps `coarse_ts` (a
+    parareal-style predictor of a window): the long steps' dense infos.
+    `inner_step` takes the original terms (for an SDE, the Brownian motion over the
+    long steps); `ravel` flattens a state."""
 
     def coarse_step(y_flat, x):
         y1, _, info, _, _ = inner_step(y_flat, x)
         return ravel(y1), info
 
     _, infos = jax.lax.scan(coarse_step, y0_flat, (coarse_ts[:-1], coarse_ts[1:]))
+    return infos
+
+
+def coarse_guess(interpolation_cls, ravel, infos, ts, coarse_ts):
+    """A first iterate for a window: the dense output of `coarse_pass` over the
+    long steps `coarse_ts`, read off at the inner grid `ts`."""
     num_coarse = len(coarse_ts) - 1
     index = jnp.searchsorted(coarse_ts, ts[1:], side="left") - 1
     index = jnp.clip(index, 0, num_coarse - 1)
@@ -144,6 +207,55 @@ def no_gradient(tree):
     return jtu.tree_map(
         lambda x: jax.lax.stop_gradient(x) if eqx.is_inexact_array(x) else x, tree
     )
+
+
+def perturbation_growth(step, y0_flat, grids, threshold):
+    """`log ‖J v‖` summed over a sequential pass of long steps, for a fixed unit
+    vector `v` renormalised after every step: the log-growth of a perturbation
+    over the window, whose rate is the largest Lyapunov exponent along the pass.
+    `step(y_flat, (ta, tb))` is one long step; `grids` are step grids from coarse
+    to fine.
+
+    A long step beyond the solver's stability region makes perturbations grow
+    too (or overflow), as chaos does; unlike chaos, that growth changes when the
+    step is refined. So the passes go on to the next grid while the growth is not
+    finite or above `threshold` and not yet confirmed by the previous grid (within
+    a third: finite-time growths along chaotic trajectories differ by some 25%
+    between grids, an unstable step's by more). The estimate is that of the first
+    grid whose growth is at most `threshold`, or of the second of two consecutive
+    grids that agree above it, or of the finest: one pass where the coarse one is
+    stable and shows no chaos. NaN if no pass is finite. No gradient flows through
+    it."""
+    y0_flat = jax.lax.stop_gradient(y0_flat)
+    # A fixed direction (deterministic), unlikely to be orthogonal to the growing one.
+    v0 = jr.normal(jr.PRNGKey(0), y0_flat.shape, y0_flat.dtype)
+    v0 = v0 / jnp.linalg.norm(v0)
+
+    def growth_over(ts):
+        def body(carry, x):
+            y_flat, v, growth = carry
+            y1, v1 = jax.jvp(lambda y: step(y, x), (y_flat,), (v,))
+            norm = jnp.linalg.norm(v1)
+            v1 = v1 / jnp.where(norm > 0, norm, 1)
+            return (y1, v1, growth + jnp.log(norm)), None
+
+        start = (y0_flat, v0, jnp.zeros((), y0_flat.dtype))
+        (_, _, growth), _ = jax.lax.scan(body, start, (ts[:-1], ts[1:]))
+        return jnp.where(jnp.isfinite(growth), growth, jnp.nan)
+
+    def refine(grids, previous):
+        growth = growth_over(grids[0])
+        if len(grids) == 1:
+            return growth
+        high = ~(growth <= threshold)  # NaN included
+        agree = jnp.abs(growth - previous) <= jnp.minimum(growth, previous) / 3
+        confirmed = (growth > threshold) & (previous > threshold) & agree
+        return jax.lax.cond(
+            high & ~confirmed, lambda: refine(grids[1:], growth), lambda: growth
+        )
+
+    growth = refine(grids, jnp.asarray(jnp.nan, y0_flat.dtype))
+    return jax.lax.stop_gradient(growth)
 
 
 def best_guess(flat_step, y0_flat, xs, candidates):

@@ -65,8 +65,10 @@ class AbstractLayout(eqx.Module):
         guess: Float[Array, "T d"],
         scale: Float[Array, " T"],
         method: AbstractMethod,
+        give_up: Bool[Array, ""],
     ) -> tuple[Float[Array, "T d"], Stats]:
-        """The solve: `(states, stats)`."""
+        """The solve: `(states, stats)`. `give_up`: skip the iteration (a caller's
+        prediction that it is hopeless), leaving every step to the fallback."""
 
     @abc.abstractmethod
     def tangent_solve(
@@ -143,6 +145,10 @@ class WholeSequence(AbstractLayout):
     def all(self, ok: Bool[Array, "..."]) -> Bool[Array, ""]:
         return jnp.all(ok)
 
+    def total(self, x: Array) -> Array:
+        """The sum of a per-piece scalar over the pieces of time (one piece here)."""
+        return x
+
     def state_at(self, init: Array, states: Array, t: Int[Array, ""]) -> Array:
         """`s_t` (`s_0 = init`)."""
         return jnp.where(t == 0, init, states[jnp.maximum(t - 1, 0)])
@@ -163,9 +169,9 @@ class WholeSequence(AbstractLayout):
 
     # The layout's part of the engine.
 
-    def forward(self, step, init, xs, guess, scale, method):
+    def forward(self, step, init, xs, guess, scale, method, give_up):
         del scale
-        return iterate(step, init, xs, guess, method, self)
+        return iterate(step, init, xs, guess, method, self, give_up=give_up)
 
     def tangent_solve(self, step, init, xs, states, tangents, method):
         return linear_tangent_solve(step, init, xs, states, tangents, method)

@@ -54,6 +54,30 @@ class AbstractTransition(eqx.Module):
         """The elementwise complex conjugate (the identity on real transitions)."""
         return jax.tree_util.tree_map(jnp.conj, self)
 
+    def log_growth(self) -> Float[Array, ""]:
+        """`log ‖A_T ⋯ A_1‖` (the largest entry in magnitude), without overflow: the
+        product is formed as a tree of pairwise products, each rescaled to largest
+        entry 1 and the logarithms of the scales summed. `O(T d³)` work,
+        `O(log T)` depth. `-inf` if the product is zero."""
+        return _log_norm_product(self.as_dense())
+
+
+def _log_norm_product(matrices: Float[Array, "T d d"]) -> Float[Array, ""]:
+    """`log max_ij |(M_T ⋯ M_1)_ij|`, by rescaled pairwise products."""
+    dtype = matrices.dtype
+    total = jnp.zeros((), dtype)
+    while matrices.shape[0] > 1:
+        if matrices.shape[0] % 2:
+            eye = jnp.eye(matrices.shape[-1], dtype=dtype)
+            matrices = jnp.concatenate([matrices, eye[None]])
+        # Later steps on the left.
+        matrices = jnp.matmul(matrices[1::2], matrices[0::2], precision=_HIGHEST)
+        scale = jnp.max(jnp.abs(matrices), axis=(-2, -1))
+        total = total + jnp.sum(jnp.log(scale))
+        safe = jnp.where(scale > 0, scale, 1)
+        matrices = matrices / safe[:, None, None]
+    return total + jnp.log(jnp.max(jnp.abs(matrices)))
+
 
 def _shift_back(a: Array) -> Array:
     """`a_{t+1}` at position `t`; zero at the last position."""
@@ -131,6 +155,9 @@ class DiagonalTransition(AbstractTransition):
 
     def as_dense(self):
         return jax.vmap(jnp.diag)(self.diagonals)
+
+    def log_growth(self):
+        return jnp.max(jnp.sum(jnp.log(jnp.abs(self.diagonals)), axis=0))
 
 
 class BlockDiagonalTransition(AbstractTransition):
@@ -215,6 +242,9 @@ class IdentityTransition(AbstractTransition):
             jnp.eye(self.size, dtype=self.dtype), (self.length, self.size, self.size)
         )
 
+    def log_growth(self):
+        return jnp.zeros((), self.dtype)
+
 
 class ZeroTransition(AbstractTransition):
     """`A_t = 0` (Jacobi): the solve is the identity map on `b`."""
@@ -238,6 +268,9 @@ class ZeroTransition(AbstractTransition):
 
     def as_dense(self):
         return jnp.zeros((self.length, self.size, self.size), self.dtype)
+
+    def log_growth(self):
+        return jnp.asarray(-jnp.inf, self.dtype)
 
 
 def sequential_solve(

@@ -17,6 +17,7 @@ from typing import ClassVar
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import jax.tree_util as jtu
 from jaxtyping import Array, Bool, Float, Int, PyTree
 
 from ._lds import AbstractTransition
@@ -134,10 +135,13 @@ def iterate(
     layout,
     schedule: AbstractSchedule | None = None,
     scale: Float[Array, " T"] | None = None,
+    give_up: Bool[Array, ""] | None = None,
 ) -> tuple[Float[Array, "T d"], Stats]:
     """The solve on a layout whose reductions the loop can use (the whole sequence,
     or one device's chunk inside `shard_map`), over the steps in flight that the
     `schedule` picks (default: all of them). `scale`: per-step tolerance factors.
+    `give_up`: a caller's prediction that the iteration is hopeless; if true (and
+    the method has a fallback), no Jacobian is evaluated and no iteration runs.
     Returns the states of every step and the statistics (their arrays only)."""
     length = layout.length
     if schedule is None:
@@ -151,6 +155,8 @@ def iterate(
     eps = float(jnp.finfo(dtype).eps)
     window_size = max(2, math.ceil(_PATIENCE * cap))
     max_rejections = max(2, math.ceil(_PATIENCE * cap / 4))
+    if give_up is None or not method.fallback:
+        give_up = jnp.array(False)
 
     def tolerance(states, scale):
         tol = atol + rtol * jnp.abs(states)
@@ -283,7 +289,19 @@ def iterate(
 
     sched, states = schedule.start(init, guess)
     head, xs_now, scale_now = schedule.in_flight(sched, init, xs, scale)
-    f, transition = method.linearise(step, layout.previous(head, states), xs_now)
+    prev = layout.previous(head, states)
+
+    def linearise():
+        return method.linearise(step, prev, xs_now)
+
+    def evaluate():
+        # Given up: only the residuals of the first iterate (its exact prefix is
+        # kept), and a placeholder for the transitions.
+        shapes = jax.eval_shape(linearise)[1]
+        placeholder = jtu.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+        return jax.vmap(step)(prev, xs_now), placeholder
+
+    f, transition = jax.lax.cond(give_up, evaluate, linearise)
     residual, merit, prefix = measure(states, f, scale_now)
     carry = _Carry(
         iteration=count(0),
@@ -300,7 +318,7 @@ def iterate(
         past_prefix=jnp.broadcast_to(prefix, (window_size,)),
         past_merit=jnp.broadcast_to(merit, (window_size,)),
         rejections=count(0),
-        hopeless=jnp.array(False),
+        hopeless=give_up,
     )
     carry = jax.lax.while_loop(cond_fun, body_fun, carry)
     states = carry.states
@@ -342,6 +360,13 @@ def iterate(
         start = jnp.where(init_finite, total, 0)
     states = layout.complete(step, init, xs, states, start)
     result = RESULTS.where(init_finite, result, RESULTS.nonfinite_input)
+    # The growth of the products of the step Jacobians at the last linearised
+    # iterate: an estimate of the largest Lyapunov exponent along it, per step.
+    if method.transitions_are_jacobians:
+        growth = layout.total(carry.transition.log_growth())
+        lyapunov = jnp.where(give_up, jnp.nan, growth / layout.length)
+    else:
+        lyapunov = jnp.asarray(jnp.nan, dtype)
     stats = Stats(
         num_iterations=carry.iteration,
         num_advances=carry.advances + 1,
@@ -349,5 +374,6 @@ def iterate(
         fallback_start=start.astype(jnp.int32),
         length=total,
         result=result,
+        lyapunov=lyapunov.astype(dtype),
     )
     return states, stats

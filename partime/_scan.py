@@ -122,6 +122,7 @@ def scan(
                 fallback_start=count(0),
                 length=0,
                 result=RESULTS.successful,
+                lyapunov=jnp.asarray(jnp.nan, init_flat.dtype),
             )
             return init, ys, stats
         return init, ys

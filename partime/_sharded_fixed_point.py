@@ -110,6 +110,9 @@ class _Chunk(eqx.Module):
         first = jnp.where(local < self.chunk, self.index[0] + local, self.length)
         return jax.lax.pmin(first.astype(jnp.int32), self.axis_name)
 
+    def total(self, x):
+        return jax.lax.psum(x, self.axis_name)
+
     def all(self, ok):
         failures = (~jnp.all(ok)).astype(jnp.int32)
         return jax.lax.psum(failures, self.axis_name) == 0
@@ -143,13 +146,18 @@ class _Chunk(eqx.Module):
                 index == r, jnp.clip(start - index * chunk, 0, chunk), chunk
             )
 
+            # The previous state is carried, not read back from the buffer being
+            # written (which makes XLA:CPU copy it; see `partime._fallback`).
             def step_body(carry):
-                t, states = carry
-                prev = jnp.where(t == 0, incoming, states[jnp.maximum(t - 1, 0)])
-                return t + 1, states.at[t].set(step(prev, _index(xs, t)))
+                t, prev, states = carry
+                new = step(prev, _index(xs, t))
+                return t + 1, new, states.at[t].set(new)
 
-            _, states = jax.lax.while_loop(
-                lambda carry: carry[0] < chunk, step_body, (begin, states)
+            prev = jnp.where(
+                begin == 0, incoming, states[jnp.clip(begin - 1, 0, chunk - 1)]
+            )
+            _, _, states = jax.lax.while_loop(
+                lambda carry: carry[0] < chunk, step_body, (begin, prev, states)
             )
             return r + 1, states
 
@@ -204,17 +212,21 @@ class Sharded(AbstractLayout):
             check_vma=False,
         )
 
-    def forward(self, step, init, xs, guess, scale, method):
+    def forward(self, step, init, xs, guess, scale, method, give_up):
         del scale
         chunk = _Chunk(self.length, self.axis_name, self._count)
 
-        def solve(step, init, xs, guess):
-            states, stats = iterate(step, init, xs, guess, method, chunk)
+        def solve(step, replicated, xs, guess):
+            init, give_up = replicated
+            states, stats = iterate(
+                step, init, xs, guess, method, chunk, give_up=give_up
+            )
             # Only arrays leave `shard_map`: the static part is put back outside.
             return states, eqx.filter(stats, eqx.is_array)
 
         time = PartitionSpec(self.axis_name)
-        return self._map(solve, 4, (time, PartitionSpec()))(step, init, xs, guess)
+        solve = self._map(solve, 4, (time, PartitionSpec()))
+        return solve(step, (init, give_up), xs, guess)
 
     def tangent_solve(self, step, init, xs, states, tangents, method):
         # Dense Jacobians for every method: the cross-device scan solves once, exactly.

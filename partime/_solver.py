@@ -17,7 +17,7 @@ import jax.tree_util as jtu
 from diffrax._root_finder import use_stepsize_tol
 from diffrax._term import AdjointTerm
 from jax.sharding import Mesh
-from jaxtyping import Array, Int, PyTree
+from jaxtyping import Array, Float, Int, PyTree
 
 from ._brownian_increments import store_increments
 from ._fixed_point import fixed_point_solve, previous
@@ -25,8 +25,11 @@ from ._flatten import Flattener
 from ._inner_step import (
     best_guess,
     coarse_guess,
+    coarse_pass,
     flat_step as make_flat_step,
     no_gradient,
+    perturbation_growth,
+    step_outputs,
     with_bounded_scan,
     with_portable_lu,
 )
@@ -47,16 +50,34 @@ class ParallelSolverState(eqx.Module):
 
     - `num_iterations`: total fixed-point iterations over all accepted windows.
     - `num_fallbacks`: number of accepted windows whose fixed-point iteration did not
-        converge within its cap and was finished by the exact sequential fallback.
+        converge within its cap and was finished by the exact sequential fallback
+        (including windows given to it at once as chaotic).
+    - `lyapunov`: an estimate of the largest Lyapunov exponent per unit time, over
+        the last accepted window: from the growth of a perturbation carried along
+        the coarse pass, or without one (`coarse_steps=0`) from the step Jacobians
+        at the iterate (`partime.Stats.lyapunov`). NaN before the first window,
+        and when neither is available. `lyapunov · (t1 - t0)` above a few units
+        means chaos over the window.
     """
 
     num_iterations: Int[Array, ""]
     num_fallbacks: Int[Array, ""]
+    lyapunov: Float[Array, ""]
 
 
 def _is_count(value: Any, minimum: int) -> bool:
     """Whether `value` is a Python `int` (not a `bool`) of at least `minimum`."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+# A window is handed to the exact sequential fallback at once when a perturbation
+# grows more than `e^{_CHAOTIC}`-fold (about 3000-fold) along its coarse pass
+# (`λ·(t1 - t0)` above it). Chosen from the convergence study: of the windows on
+# which Newton converged (pendulum, also near its separatrix, damped pendulum, van
+# der Pol, Lorenz-63 over up to 5 time units) none grew more than `e^6`; over 20
+# time units Lorenz-63 grows `e^9` to `e^10` and Newton falls back after 2
+# wasted iterations.
+_CHAOTIC = 8.0
 
 
 _BACKSOLVE_MESSAGE = (
@@ -194,9 +215,11 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
     on every system that is predictable over the window (a handful, nearly
     independent of the window's length, on contracting dynamics; fewer than the
     damped [`partime.ELK`][], whose iterations also cost more), and its hopeless-case
-    test hands chaotic or otherwise unpredictable windows to the exact sequential
-    pass after a few iterations (Lorenz-63, 2·10⁴ Tsit5 steps in one window: 2
-    iterations, 2.6× sequential diffrax's time on a 2-core CPU). Use
+    test hands unpredictable windows to the exact sequential pass after a few
+    iterations. Chaotic windows go there at once: a perturbation carried along the
+    coarse pass (below) that grows more than `e^8`-fold over the window, on two
+    step grids that agree, skips the iteration (Lorenz-63, 2·10⁴ Tsit5 steps in one
+    window: no iteration, about sequential diffrax's time; `partime.diagnose`). Use
     [`partime.QuasiNewton`][] when `num_steps · d²` numbers do not fit in memory.
 
     The iteration starts from a cheap prediction: the inner solver stepped sequentially
@@ -275,7 +298,8 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
     - With `SaveAt(..., solver_state=True)`, `sol.solver_state` is a
         `ParallelSolverState` with `num_iterations` (total fixed-point iterations)
         and `num_fallbacks` (windows that fell back to sequential stepping), summed
-        over accepted windows.
+        over accepted windows, and `lyapunov`, an estimate of the largest Lyapunov
+        exponent per unit time over the last window.
 
     **Gradients.** Each window is differentiated implicitly (one parallel linear solve
     at the converged solution, never by unrolling the iterations), so the backward
@@ -458,11 +482,14 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
         return self.solver.error_order(terms)
 
     def init(self, terms, t0, t1, y0, args) -> ParallelSolverState:
-        del t0, t1, y0, args
+        del t0, t1, args
         _check_terms(terms)
         _check_not_backsolve()
         zero = jnp.array(0, dtype=jnp.int32)
-        return ParallelSolverState(num_iterations=zero, num_fallbacks=zero)
+        nan = jnp.asarray(jnp.nan, Flattener(y0).dtype)
+        return ParallelSolverState(
+            num_iterations=zero, num_fallbacks=zero, lyapunov=nan
+        )
 
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
         # Every inner step calls the inner `init` afresh (below), so first-same-as-last
@@ -490,7 +517,6 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
 
             return inner_step
 
-        inner_step = make_inner_step(make_terms, args)
         # Traced once here: every later use (first guess, the iteration, its
         # linearisation, the fallback, the derivative) replays this jaxpr instead of
         # calling the user's vector field again.
@@ -500,27 +526,59 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
             jtu.tree_map(lambda a: a[0], xs),
         )
         candidates = []
+        growth = None
         if self.coarse_steps != 0:
             # The coarse steps take the terms as they are: for an SDE, the Brownian
             # motion over each long step.
-            # No gradient flows through a first guess: cut it at the inputs, so
-            # that no derivative of the coarse steps is ever traced.
-            coarse_terms, coarse_args = no_gradient((terms, args))
+            # No gradient flows through a first guess or the chaos test: cut them
+            # at the inputs, so that none of them is ever differentiated.
+            coarse_terms, coarse_args, coarse_y0 = no_gradient((terms, args, y0_flat))
             coarse_inner_step = make_inner_step(lambda _: coarse_terms, coarse_args)
-            coarse_ts = inner_grid(t0, t1, self._num_coarse_steps)
+            num_coarse = self._num_coarse_steps
+            coarse_ts = no_gradient(inner_grid(t0, t1, num_coarse))
+            infos = coarse_pass(
+                lambda y, x: coarse_inner_step(y, (*x, ())),
+                ravel,
+                coarse_y0,
+                coarse_ts,
+            )
             candidates.append(
-                coarse_guess(
-                    lambda y, x: coarse_inner_step(y, (*x, ())),
-                    solver.interpolation_cls,
-                    ravel,
-                    no_gradient(y0_flat),
-                    no_gradient(ts),
-                    no_gradient(coarse_ts),
+                lambda: coarse_guess(
+                    solver.interpolation_cls, ravel, infos, no_gradient(ts), coarse_ts
                 )
             )
+            coarse_flat_step = make_flat_step(
+                solver, lambda _: coarse_terms, coarse_args, flattener
+            )
+            # Refined up to 16x where the coarse pass is unstable or looks chaotic.
+            refined = {min(k * num_coarse, self.num_steps) for k in (2, 4, 8, 16)}
+            refined = sorted(refined - {num_coarse})
+            growth = perturbation_growth(
+                lambda y, x: coarse_flat_step(y, (*x, ())),
+                coarse_y0,
+                [coarse_ts] + [no_gradient(inner_grid(t0, t1, n)) for n in refined],
+                _CHAOTIC,
+            )
         if self.guess is not None:
-            candidates.append(jax.vmap(lambda t: ravel(self.guess(t)))(ts[1:]))
-        guess = best_guess(flat_step, y0_flat, xs, candidates) if candidates else None
+            candidates.append(lambda: jax.vmap(lambda t: ravel(self.guess(t)))(ts[1:]))
+        # Chaos: a perturbation grows more than `e^{_CHAOTIC}`-fold over the window
+        # along the coarse pass. The iteration could not pay (it would run into its
+        # hopeless-case test after costly iterations): every inner step goes to the
+        # exact sequential fallback at once, for about a sequential solve's cost.
+        give_up = jnp.asarray(False)
+        if growth is not None and self.method.fallback:
+            # NaN (no finite coarse pass): no prediction.
+            give_up = growth > _CHAOTIC
+        if candidates:
+            guess = jax.lax.cond(
+                give_up,
+                lambda: jnp.broadcast_to(y0_flat, (self.num_steps, y0_flat.shape[0])),
+                lambda: best_guess(
+                    flat_step, y0_flat, xs, [make() for make in candidates]
+                ),
+            )
+        else:
+            guess = None
         # A sliding window of `window` inner steps moves through this one, or the
         # inner steps split over the mesh's time axis.
         window = self.window if self.window and self.window < self.num_steps else None
@@ -534,12 +592,14 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
             mesh=self.mesh,
             axis_name=self.axis_name,
             throw=False,
+            give_up=give_up,
         )
         y_prevs = previous(y0_flat, states, mesh=self.mesh, axis_name=self.axis_name)
 
         # One more vectorised pass at the converged states, for the parts of each inner
         # step the iteration does not keep: its error estimate and dense info.
-        _, y_errors, dense_infos, _, inner_results = jax.vmap(inner_step)(y_prevs, xs)
+        outputs = step_outputs(solver, make_terms, args, flattener)
+        y_errors, dense_infos, inner_results = jax.vmap(outputs)(y_prevs, states, xs)
         y1 = unravel(states[-1])
 
         result = diffrax.RESULTS.promote(stats.result)
@@ -558,11 +618,18 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
             y_error = jtu.tree_map(
                 lambda e: jnp.where(ok, jnp.sum(jnp.abs(e), axis=0), jnp.inf), y_errors
             )
+        if growth is None:
+            per_step = stats.lyapunov * self.num_steps
+        else:
+            per_step = growth
+        dtype = solver_state.lyapunov.dtype
+        lyapunov = per_step.astype(dtype) / jnp.asarray(t1 - t0).astype(dtype)
         new_state = ParallelSolverState(
             num_iterations=solver_state.num_iterations
             + stats.num_iterations.astype(jnp.int32),
             num_fallbacks=solver_state.num_fallbacks
             + stats.fell_back.astype(jnp.int32),
+            lyapunov=lyapunov,
         )
         return y1, y_error, dict(infos=dense_infos), new_state, result
 

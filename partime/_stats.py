@@ -4,7 +4,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optimistix as optx
-from jaxtyping import Array, Bool, Int, PyTree
+from jaxtyping import Array, Bool, Float, Int, PyTree
 
 
 # partime's result codes are optimistix's (built on lineax's): a solve that did not
@@ -45,6 +45,18 @@ class Stats(eqx.Module):
         the sequence length when no fallback ran.
     - `length`: the sequence length `T`.
     - `result`: a `partime.RESULTS` member (optimistix's result codes).
+    - `lyapunov`: an estimate of the largest Lyapunov exponent `λ` of the recurrence,
+        per step, along the last iterate at which the method linearised:
+        `log ‖J_n ⋯ J_1‖ / n` for the step Jacobians `J_t` of the `n` steps in flight
+        (on a mesh, the devices' chunks' growths summed; for blocks, their mean).
+        `λ < 0`: errors die out (contracting, predictable, parallel iterations
+        converge fast); `λ ≈ 0`: neutral (oscillators: iterations grow with the
+        periods spanned); `λ·T` more than a few units: chaotic, the iteration cannot
+        pay. A finite-horizon estimate along an iterate that may not have converged:
+        its sign and order of magnitude are what to read. NaN when the method's
+        transitions are not Jacobians (`QuasiNewton`, `QuasiELK`, `Picard`,
+        `Jacobi`) or when no linearisation was made (the iteration was given up
+        beforehand); `-inf` for a product that is exactly zero.
     """
 
     num_iterations: Int[Array, ""]
@@ -53,6 +65,7 @@ class Stats(eqx.Module):
     fallback_start: Int[Array, ""]
     length: int = eqx.field(static=True)
     result: RESULTS
+    lyapunov: Float[Array, ""]
 
     @property
     def fell_back(self) -> Bool[Array, ""]:
@@ -69,6 +82,7 @@ class Stats(eqx.Module):
         items = [f"{name}={show(getattr(self, name))}" for name in fields]
         items.append(f"fallback_start={show(self.fallback_start)}")
         items.append(f"length={self.length}")
+        items.append(f"lyapunov={show(self.lyapunov)}")
         result = self.result
         if isinstance(result._value, jax.core.Tracer) or jnp.ndim(result._value):
             items.append(f"result={result!r}")

@@ -124,7 +124,7 @@ class Blocks(_AbstractWindowed):
     length: int = eqx.field(static=True)
     window: int = eqx.field(static=True)
 
-    def forward(self, step, init, xs, guess, scale, method):
+    def forward(self, step, init, xs, guess, scale, method, give_up):
         del scale
         length, window = self.length, self.window
         num_blocks, tail = divmod(length, window)
@@ -133,7 +133,13 @@ class Blocks(_AbstractWindowed):
             state, stats = carry
             xs_block, guess_block, offset = inputs
             states, block = iterate(
-                step, state, xs_block, guess_block, method, WholeSequence(size)
+                step,
+                state,
+                xs_block,
+                guess_block,
+                method,
+                WholeSequence(size),
+                give_up=give_up,
             )
             first = (stats.fallback_start == length) & block.fell_back
             stats = Stats(
@@ -148,6 +154,7 @@ class Blocks(_AbstractWindowed):
                 result=RESULTS.where(
                     stats.result == RESULTS.successful, block.result, stats.result
                 ),
+                lyapunov=stats.lyapunov + block.lyapunov * (size / length),
             )
             return (states[-1], stats), states
 
@@ -159,6 +166,7 @@ class Blocks(_AbstractWindowed):
             fallback_start=count(length),
             length=length,
             result=RESULTS.successful,
+            lyapunov=jnp.zeros((), init.dtype),
         )
         xs_full, xs_tail = _split_blocks(xs, num_blocks, window)
         guess_full, guess_tail = _split_blocks(guess, num_blocks, window)
@@ -258,9 +266,17 @@ class SlidingWindow(_AbstractWindowed):
         # New steps enter at the far end from the window's last value.
         return None
 
-    def forward(self, step, init, xs, guess, scale, method):
+    def forward(self, step, init, xs, guess, scale, method, give_up):
         window = min(self.window, self.length)
         schedule = _Sliding(self.length, window, guess is not None)
         return iterate(
-            step, init, xs, guess, method, WholeSequence(window), schedule, scale
+            step,
+            init,
+            xs,
+            guess,
+            method,
+            WholeSequence(window),
+            schedule,
+            scale,
+            give_up,
         )

@@ -203,3 +203,95 @@ def test_sliding_window_runs_the_one_loop():
         else:
             assert not sliding.fell_back
             assert int(sliding.num_iterations) < cap
+
+
+def _henon(s, _):
+    # The Hénon map (a = 1.4, b = 0.3): chaotic, λ ≈ 0.42 per step.
+    new = jnp.stack([1 - 1.4 * s[0] ** 2 + s[1], 0.3 * s[0]])
+    return new, new[0]
+
+
+def _qr_lyapunov(f, init, xs):
+    """An independent estimate of the largest Lyapunov exponent per step: the
+    sequential trajectory of `jax.lax.scan`, and the QR re-orthonormalised product
+    of its step Jacobians (Benettin et al.)."""
+
+    def body(carry, x):
+        s, q, total = carry
+        jacobian = jax.jacfwd(lambda a: f(a, x)[0])(s)
+        q, r = jnp.linalg.qr(jacobian @ q)
+        return (f(s, x)[0], q, total + jnp.log(jnp.abs(jnp.diag(r)))), None
+
+    size = init.shape[0]
+    start = (init, jnp.eye(size), jnp.zeros(size))
+    (_, _, total), _ = jax.lax.scan(body, start, xs)
+    return float(jnp.max(total)) / jax.tree.leaves(xs)[0].shape[0]
+
+
+@pytest.mark.parametrize("layout", list(layouts))
+def test_lyapunov_estimate(layout):
+    """`Stats.lyapunov` (Newton's Jacobians along the iterate) has the sign of an
+    independent QR estimate along `lax.scan`'s trajectory, and is close to it, on a
+    contracting RNN and on the chaotic Hénon map (solved to convergence)."""
+    f, init, xs = problems["rnn"]
+    # Newton needs about one iteration per step on this chaotic map: 20 steps.
+    henon_xs = jnp.zeros((20, 0))
+    henon_init = jnp.array([0.6, 0.1])
+    method = partime.Newton(max_iters=20, fallback=False)
+
+    @jax.jit
+    def estimates():
+        _, _, rnn = partime.scan(f, init, xs, return_stats=True, **layouts[layout])
+        _, _, henon = partime.scan(
+            _henon,
+            henon_init,
+            henon_xs,
+            method=method,
+            return_stats=True,
+            **layouts[layout],
+        )
+        return rnn, henon
+
+    rnn, henon = estimates()
+    assert henon.result == partime.RESULTS.successful
+    rnn_reference = _qr_lyapunov(f, init, xs)
+    henon_reference = _qr_lyapunov(_henon, henon_init, henon_xs)
+    assert rnn_reference < 0 and float(rnn.lyapunov) < 0
+    assert henon_reference > 0.2 and float(henon.lyapunov) > 0.2
+    # The norm of the product against its leading stretching, over one window
+    # (sliding: the last 24 steps): the same to O(log(d) / n).
+    if layout == "whole":
+        assert abs(float(rnn.lyapunov) - rnn_reference) < 0.05
+        assert abs(float(henon.lyapunov) - henon_reference) < 0.05
+
+
+def test_lyapunov_needs_jacobians():
+    f, init, xs = problems["rnn"]
+    for method in (partime.QuasiNewton(), partime.Picard(), partime.Jacobi()):
+        *_, stats = partime.scan(f, init, xs, method=method, return_stats=True)
+        assert jnp.isnan(stats.lyapunov)
+
+
+@pytest.mark.parametrize("layout", list(layouts))
+def test_give_up(layout):
+    """`give_up=True`: no iteration, every step by the exact fallback (equal to
+    `lax.scan`), no estimate; traced, under `vmap` with mixed flags too."""
+    step = lambda s, x: _henon(s, x)[0]
+    init, xs = jnp.array([0.1, 0.1]), jnp.zeros((40, 0))
+    kwargs = dict(layouts[layout])
+
+    @jax.jit
+    @jax.vmap
+    def solve(flag):
+        return partime.fixed_point_solve(
+            step, init, xs, partime.Newton(max_iters=40), give_up=flag, **kwargs
+        )
+
+    states, stats = solve(jnp.array([True, False]))
+    _, reference = jax.lax.scan(lambda s, x: (step(s, x),) * 2, init, xs)
+    assert max_rel_error(states, jnp.stack([reference, reference])) < 1e-10
+    assert stats.num_iterations.tolist()[0] == 0 and stats.num_iterations[1] > 0
+    assert stats.num_sequential_steps.tolist()[0] == 40
+    assert jnp.isnan(stats.lyapunov[0]) and jnp.isfinite(stats.lyapunov[1])
+    with pytest.raises(ValueError, match="boolean scalar"):
+        partime.fixed_point_solve(step, init, xs, partime.Newton(), give_up=1.0)

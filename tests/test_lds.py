@@ -85,3 +85,30 @@ def test_jit_and_vmap(getkey):
     for i in range(3):
         expected = partime.sequential_solve(partime.DenseTransition(matrices[i]), b[i])
         assert jnp.allclose(out[i], expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("structure", ["dense", "diagonal", "identity", "zero"])
+def test_log_growth(getkey, structure):
+    """`log max|(A_T ⋯ A_1)_ij|`, against the product formed directly (`T = 64` and
+    `T = 37`: the pairwise tree pads odd levels); `-inf` for a zero product."""
+    transition = _transitions(getkey(), 1.1)[structure]
+    for length in (T, 37):
+        part = jax.tree.map(lambda a: a[:length], transition)
+        if structure in ("identity", "zero"):
+            part = type(transition)(length, D, jnp.float64)
+        product = jnp.eye(D)
+        for a in part.as_dense():
+            product = a @ product
+        expected = jnp.log(jnp.max(jnp.abs(product)))
+        growth = jax.jit(lambda p: p.log_growth())(part)
+        if structure == "zero":
+            assert growth == -jnp.inf and expected == -jnp.inf
+        else:
+            assert jnp.allclose(growth, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_log_growth_does_not_overflow():
+    # 2·I over 5000 steps: the product's entries (2^5000) overflow float64.
+    matrices = jnp.broadcast_to(2 * jnp.eye(3), (5000, 3, 3))
+    growth = partime.DenseTransition(matrices).log_growth()
+    assert jnp.allclose(growth, 5000 * jnp.log(2.0), rtol=1e-12)

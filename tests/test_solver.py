@@ -615,3 +615,74 @@ def test_markers():
     # A rebuilt solver (e.g. `eqx.tree_at`) keeps its class and marker.
     rebuilt = eqx.tree_at(lambda s: s.method, euler, partime.Picard())
     assert type(rebuilt) is type(euler)
+
+
+def _lorenz_vf(t, y, args):
+    return jnp.stack(
+        [10 * (y[1] - y[0]), y[0] * (28 - y[2]) - y[1], y[0] * y[1] - 8 / 3 * y[2]]
+    )
+
+
+def _damped_pendulum_vf(t, y, args):
+    return jnp.stack([y[1], -jnp.sin(y[0]) - 0.5 * y[1]])
+
+
+def _qr_lyapunov(vf, y0, t1, num_steps):
+    """Independent: the largest Lyapunov exponent per unit time along sequential
+    RK4 (`lax.scan`), from the QR re-orthonormalised product of its Jacobians."""
+    h = t1 / num_steps
+
+    def rk4(y):
+        k1 = vf(0.0, y, None)
+        k2 = vf(0.0, y + h / 2 * k1, None)
+        k3 = vf(0.0, y + h / 2 * k2, None)
+        k4 = vf(0.0, y + h * k3, None)
+        return y + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+
+    def body(carry, _):
+        y, q, total = carry
+        q, r = jnp.linalg.qr(jax.jacfwd(rk4)(y) @ q)
+        return (rk4(y), q, total + jnp.log(jnp.abs(jnp.diag(r)))), None
+
+    size = len(y0)
+    start = (jnp.asarray(y0), jnp.eye(size), jnp.zeros(size))
+    (_, _, total), _ = jax.lax.scan(body, start, length=num_steps)
+    return float(jnp.max(total)) / t1
+
+
+@pytest.mark.parametrize("problem", ["lorenz", "damped-pendulum"])
+def test_lyapunov_and_chaos(problem):
+    """`ParallelSolverState.lyapunov` has the sign of an independent QR estimate;
+    the chaotic window (Lorenz-63 over 20 time units) goes to the sequential
+    fallback with no iteration, and both equal sequential diffrax on the grid."""
+    vf, y0 = {
+        "lorenz": (_lorenz_vf, np.array([1.0, 1.0, 1.0])),
+        "damped-pendulum": (_damped_pendulum_vf, np.array([2.5, 0.0])),
+    }[problem]
+    t1, num_steps = 20.0, 2000
+    term = diffrax.ODETerm(vf)
+    solver = partime.ParallelSolver(diffrax.Tsit5(), num_steps=num_steps)
+    ts = np.linspace(0.0, t1, 41)
+    sol = _solve(
+        solver,
+        0.0,
+        t1,
+        t1,
+        y0,
+        None,
+        term=term,
+        saveat=diffrax.SaveAt(ts=ts, solver_state=True),
+    )
+    grid = _inner_grid(np.array([0.0, t1]), num_steps)
+    ref = _solve_on_grid(diffrax.Tsit5(), grid, y0, None, term=term, ts=ts)
+    # Lorenz amplifies rounding differences by e^{λ·20} ≈ e^{18}.
+    _assert_close(sol.ys, ref.ys, 1e-7 if problem == "lorenz" else RTOL_Y)
+    state = sol.solver_state
+    reference = _qr_lyapunov(vf, y0, t1, num_steps)
+    assert np.sign(float(state.lyapunov)) == np.sign(reference)
+    if problem == "lorenz":
+        assert reference > 0.3
+        assert int(state.num_iterations) == 0 and int(state.num_fallbacks) == 1
+    else:
+        assert reference < -0.1
+        _assert_well_behaved(state, 1)

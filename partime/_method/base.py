@@ -123,6 +123,11 @@ class AbstractMethod(eqx.Module):
     # their trust region adapts.
     rejections_are_hopeless: ClassVar[bool] = True
 
+    # Whether the transitions are the steps' Jacobians (or close to them), so that
+    # the growth of their products estimates the largest Lyapunov exponent along
+    # the iterate (`Stats.lyapunov`; NaN for methods whose transitions are not).
+    transitions_are_jacobians: ClassVar[bool] = True
+
     def init_policy(self, length: int, dtype: Any) -> PyTree:
         """The policy's state before the first iteration: the trust horizon, `T`."""
         del dtype

@@ -1,3 +1,5 @@
+from typing import ClassVar
+
 import equinox as eqx
 
 from .._jacobian import AbstractJacobian, check_probes, Dense
@@ -113,6 +115,8 @@ class QuasiELK(AbstractDampedMethod):
     jacobian: AbstractJacobian = eqx.field(static=True, default=Dense())
     jacobian_batch_size: int | None = eqx.field(static=True, default=None)
     diagonal_probes: int | None = eqx.field(static=True, default=None)
+
+    transitions_are_jacobians: ClassVar[bool] = False
 
     @property
     def default_max_iters(self):

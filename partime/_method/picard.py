@@ -1,3 +1,5 @@
+from typing import ClassVar
+
 import equinox as eqx
 import jax
 
@@ -32,6 +34,8 @@ class Picard(AbstractMethod):
     atol: float | None = eqx.field(static=True, default=None)
     max_iters: int | None = eqx.field(static=True, default=None)
     fallback: bool = eqx.field(static=True, default=True)
+
+    transitions_are_jacobians: ClassVar[bool] = False
 
     @property
     def default_max_iters(self):

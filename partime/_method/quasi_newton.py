@@ -1,3 +1,5 @@
+from typing import ClassVar
+
 import equinox as eqx
 
 from .._jacobian import AbstractJacobian, check_probes, Dense
@@ -52,6 +54,8 @@ class QuasiNewton(AbstractMethod):
     max_iters: int | None = eqx.field(static=True, default=None)
     fallback: bool = eqx.field(static=True, default=True)
     jacobian: AbstractJacobian = eqx.field(static=True, default=Dense())
+
+    transitions_are_jacobians: ClassVar[bool] = False
     jacobian_batch_size: int | None = eqx.field(static=True, default=None)
     diagonal_probes: int | None = eqx.field(static=True, default=None)
 
