@@ -209,12 +209,12 @@ def no_gradient(tree):
     )
 
 
-def perturbation_growth(step, y0_flat, grids, threshold):
+def perturbation_growth(step, y0_flat, t0, t1, counts, threshold):
     """`log ‖J v‖` summed over a sequential pass of long steps, for a fixed unit
     vector `v` renormalised after every step: the log-growth of a perturbation
-    over the window, whose rate is the largest Lyapunov exponent along the pass.
-    `step(y_flat, (ta, tb))` is one long step; `grids` are step grids from coarse
-    to fine.
+    over the window `[t0, t1]`, whose rate is the largest Lyapunov exponent along
+    the pass. `step(y_flat, (ta, tb))` is one long step; `counts` are the numbers
+    of equal steps of the grids to try, from coarse to fine.
 
     A long step beyond the solver's stability region makes perturbations grow
     too (or overflow), as chaos does; unlike chaos, that growth changes when the
@@ -224,37 +224,48 @@ def perturbation_growth(step, y0_flat, grids, threshold):
     between grids, an unstable step's by more). The estimate is that of the first
     grid whose growth is at most `threshold`, or of the second of two consecutive
     grids that agree above it, or of the finest: one pass where the coarse one is
-    stable and shows no chaos. NaN if no pass is finite. No gradient flows through
-    it."""
+    stable and shows no chaos. NaN if no pass is finite. One loop over the grids,
+    so that the program holds one copy of the step. No gradient flows through it.
+    """
     y0_flat = jax.lax.stop_gradient(y0_flat)
+    dtype = y0_flat.dtype
+    t0, t1 = jnp.asarray(t0), jnp.asarray(t1)
+    time_dtype = jnp.result_type(t0, t1)
+    counts = jnp.asarray(counts, jnp.int32)
     # A fixed direction (deterministic), unlikely to be orthogonal to the growing one.
-    v0 = jr.normal(jr.PRNGKey(0), y0_flat.shape, y0_flat.dtype)
+    v0 = jr.normal(jr.PRNGKey(0), y0_flat.shape, dtype)
     v0 = v0 / jnp.linalg.norm(v0)
 
-    def growth_over(ts):
-        def body(carry, x):
+    def time(i, n):
+        # As `inner_grid(t0, t1, n)[i]`.
+        fraction = (i / n).astype(time_dtype)
+        return jnp.where(i == n, t1, t0 + (t1 - t0) * fraction)
+
+    def growth_over(n):
+        def body(i, carry):
             y_flat, v, growth = carry
+            x = (time(i, n), time(i + 1, n))
             y1, v1 = jax.jvp(lambda y: step(y, x), (y_flat,), (v,))
             norm = jnp.linalg.norm(v1)
             v1 = v1 / jnp.where(norm > 0, norm, 1)
-            return (y1, v1, growth + jnp.log(norm)), None
+            return y1, v1, growth + jnp.log(norm)
 
-        start = (y0_flat, v0, jnp.zeros((), y0_flat.dtype))
-        (_, _, growth), _ = jax.lax.scan(body, start, (ts[:-1], ts[1:]))
+        start = (y0_flat, v0, jnp.zeros((), dtype))
+        _, _, growth = jax.lax.fori_loop(0, n, body, start)
         return jnp.where(jnp.isfinite(growth), growth, jnp.nan)
 
-    def refine(grids, previous):
-        growth = growth_over(grids[0])
-        if len(grids) == 1:
-            return growth
+    def refine(carry):
+        level, previous, _, _ = carry
+        growth = growth_over(counts[level])
         high = ~(growth <= threshold)  # NaN included
         agree = jnp.abs(growth - previous) <= jnp.minimum(growth, previous) / 3
         confirmed = (growth > threshold) & (previous > threshold) & agree
-        return jax.lax.cond(
-            high & ~confirmed, lambda: refine(grids[1:], growth), lambda: growth
-        )
+        done = ~(high & ~confirmed) | (level == counts.shape[0] - 1)
+        return level + 1, growth, growth, done
 
-    growth = refine(grids, jnp.asarray(jnp.nan, y0_flat.dtype))
+    nan = jnp.asarray(jnp.nan, dtype)
+    start = (jnp.asarray(0, jnp.int32), nan, nan, jnp.asarray(False))
+    _, _, growth, _ = jax.lax.while_loop(lambda c: ~c[3], refine, start)
     return jax.lax.stop_gradient(growth)
 
 

@@ -556,7 +556,9 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
             growth = perturbation_growth(
                 lambda y, x: coarse_flat_step(y, (*x, ())),
                 coarse_y0,
-                [coarse_ts] + [no_gradient(inner_grid(t0, t1, n)) for n in refined],
+                no_gradient(t0),
+                no_gradient(t1),
+                [num_coarse, *refined],
                 _CHAOTIC,
             )
         if self.guess is not None:
