@@ -84,6 +84,22 @@ def _shift_back(a: Array) -> Array:
     return jnp.concatenate([a[1:], jnp.zeros_like(a[:1])])
 
 
+def _affine_scan(a: Array, b: Array, reverse: bool) -> Array:
+    """`x_t = a_t x_{t-1} + b_t` by an associative scan of the affine maps `(a, b)`,
+    composed as `(a2, b2) ∘ (a1, b1) = (a2 a1, a2 b1 + b2)`; `a` may carry batch axes
+    of blocks after the time axis."""
+
+    def combine(first, second):
+        a1, b1 = first
+        a2, b2 = second
+        a_out = jnp.matmul(a2, a1, precision=_HIGHEST)
+        b_out = jnp.einsum("...ij,...j->...i", a2, b1, precision=_HIGHEST) + b2
+        return a_out, b_out
+
+    _, x = jax.lax.associative_scan(combine, (a, b), reverse=reverse)
+    return x
+
+
 class DenseTransition(AbstractTransition):
     """Full `d x d` transitions (Newton / DEER). Each combine costs `O(d^3)`."""
 
@@ -109,15 +125,7 @@ class DenseTransition(AbstractTransition):
         else:
             a = self.matrices
 
-        def combine(first, second):
-            a1, b1 = first
-            a2, b2 = second
-            a_out = jnp.matmul(a2, a1, precision=_HIGHEST)
-            b_out = jnp.einsum("...ij,...j->...i", a2, b1, precision=_HIGHEST) + b2
-            return a_out, b_out
-
-        _, x = jax.lax.associative_scan(combine, (a, b), reverse=reverse)
-        return x
+        return _affine_scan(a, b, reverse)
 
     def as_dense(self):
         return self.matrices
@@ -200,15 +208,7 @@ class BlockDiagonalTransition(AbstractTransition):
         else:
             a = self.blocks
 
-        def combine(first, second):
-            a1, b1 = first
-            a2, b2 = second
-            a_out = jnp.matmul(a2, a1, precision=_HIGHEST)
-            b_out = jnp.einsum("...ij,...j->...i", a2, b1, precision=_HIGHEST) + b2
-            return a_out, b_out
-
-        _, x = jax.lax.associative_scan(combine, (a, self._blocked(b)), reverse=reverse)
-        return x.reshape(b.shape)
+        return _affine_scan(a, self._blocked(b), reverse).reshape(b.shape)
 
     def as_dense(self):
         length, num_blocks, size, _ = self.blocks.shape
