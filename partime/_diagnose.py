@@ -17,6 +17,7 @@ from ._lds import DenseTransition
 from ._method.base import AbstractMethod
 from ._scan import scan
 from ._solver import _CHAOTIC, ParallelSolver
+from ._window_controller import WindowController
 
 
 # `λ·T` below this: perturbations shrink at least e-fold over the horizon.
@@ -165,10 +166,12 @@ def _diffrax_diagnosis(terms, t0, t1, y0, args, solver, dt0, method) -> Diagnosi
             parallel,
             t0,
             t1,
-            t1 - t0,
+            (t1 - t0) / num_steps,
             y0,
             args,
             saveat=diffrax.SaveAt(t1=True, solver_state=True),
+            # One window ending at `t1` exactly (`t0 + (t1 - t0)` can round short).
+            stepsize_controller=WindowController(),
             max_steps=1,
         ).solver_state
 
