@@ -572,9 +572,12 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
             # NaN (no finite coarse pass): no prediction.
             give_up = growth > _CHAOTIC
         if candidates:
+            # Where the iteration starts, never the answer: no gradient.
             guess = jax.lax.cond(
                 give_up,
-                lambda: jnp.broadcast_to(y0_flat, (self.num_steps, y0_flat.shape[0])),
+                lambda: jnp.broadcast_to(
+                    no_gradient(y0_flat), (self.num_steps, y0_flat.shape[0])
+                ),
                 lambda: best_guess(
                     flat_step, y0_flat, xs, [make() for make in candidates]
                 ),
