@@ -127,6 +127,11 @@ def environment() -> dict[str, Any]:
     }
 
 
+def fmt(value: Any, spec: str, missing: str = "-") -> str:
+    """`format(value, spec)`, or `missing` for `None`."""
+    return missing if value is None else format(value, spec)
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = [
         "| " + " | ".join(header) + " |",

@@ -52,6 +52,7 @@ import numpy as np  # noqa: E402
 from _common import (  # noqa: E402
     compile_fn,
     environment,
+    fmt,
     markdown_table,
     run_once,
     text_table,
@@ -302,10 +303,6 @@ HEADER = [
 ]
 
 
-def _fmt(value, spec, missing="-"):
-    return missing if value is None else format(value, spec)
-
-
 def table_row(row: dict[str, Any]) -> list[str]:
     notes = []
     if row.get("wrong"):
@@ -316,16 +313,16 @@ def table_row(row: dict[str, Any]) -> list[str]:
     return [
         row["problem"],
         row["kind"],
-        _fmt(row["K"], "d"),
-        _fmt(row["windows"], "d"),
-        _fmt(row["inner_steps"], "d"),
-        _fmt(row.get("iterations"), "d"),
-        _fmt(row.get("fallbacks"), "d"),
-        _fmt(row.get("error_same_grid"), ".1e"),
-        _fmt(row["error_vs_tight"], ".1e"),
-        _fmt(ms, ".1f"),
-        _fmt(row.get("speedup_vs_diffrax"), ".3f"),
-        _fmt(row.get("speedup_vs_hand_tuned"), ".2f"),
+        fmt(row["K"], "d"),
+        fmt(row["windows"], "d"),
+        fmt(row["inner_steps"], "d"),
+        fmt(row.get("iterations"), "d"),
+        fmt(row.get("fallbacks"), "d"),
+        fmt(row.get("error_same_grid"), ".1e"),
+        fmt(row["error_vs_tight"], ".1e"),
+        fmt(ms, ".1f"),
+        fmt(row.get("speedup_vs_diffrax"), ".3f"),
+        fmt(row.get("speedup_vs_hand_tuned"), ".2f"),
         "; ".join(notes),
     ]
 

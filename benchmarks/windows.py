@@ -48,6 +48,7 @@ import numpy as np  # noqa: E402
 from _common import (  # noqa: E402
     compile_fn,
     environment,
+    fmt,
     markdown_table,
     max_rel_error,
     memory_bytes,
@@ -56,33 +57,13 @@ from _common import (  # noqa: E402
     time_calls,
     write_json,
 )
+from scan import gru, gru_params  # noqa: E402
 
 import partime  # noqa: E402
 
 
 VALUE_TOL, GRAD_TOL = 1e-8, 1e-6
-_HIGHEST = jax.lax.Precision.HIGHEST
 METHODS = {"Newton": partime.Newton, "QuasiNewton": partime.QuasiNewton}
-
-
-def gru_params(key: Any, d: int, scale: float = 0.5) -> dict:
-    k_in, k_rec, k_bias = jr.split(key, 3)
-    return {
-        "W": jr.normal(k_in, (3, d, d)) / np.sqrt(d),
-        "U": scale * jr.normal(k_rec, (3, d, d)) / np.sqrt(d),
-        "b": 0.1 * jr.normal(k_bias, (4, d)),
-    }
-
-
-def gru(params: dict, h: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    wx = jnp.einsum("kij,j->ki", params["W"], x, precision=_HIGHEST)
-    uh = jnp.einsum("kij,j->ki", params["U"], h, precision=_HIGHEST)
-    b = params["b"]
-    z = jax.nn.sigmoid(wx[0] + uh[0] + b[0])
-    r = jax.nn.sigmoid(wx[1] + uh[1] + b[1])
-    n = jnp.tanh(wx[2] + b[2] + r * (uh[2] + b[3]))
-    h = (1 - z) * n + z * h
-    return h, h
 
 
 def make_scan(kind: str, method: str, window: int | None):
@@ -145,7 +126,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     limit = int(args.max_memory_gb * 2**30)
     for T in sorted(args.T):
         k_params, k_xs, k_h0 = jr.split(jr.PRNGKey(0), 3)
-        params = gru_params(k_params, args.d)
+        params = gru_params(k_params, args.d, jnp.float64)
         xs = jr.normal(k_xs, (T, args.d))
         h0 = 0.1 * jr.normal(k_h0, (args.d,))
         call_args = (params, h0, xs)
@@ -249,10 +230,6 @@ HEADER = [
 ]
 
 
-def _fmt(value, spec, missing="-"):
-    return missing if value is None else format(value, spec)
-
-
 def table_row(row: dict[str, Any]) -> list[str]:
     fwd, grad = row["forward"], row["gradient"]
     notes = [
@@ -269,17 +246,17 @@ def table_row(row: dict[str, Any]) -> list[str]:
         f"{row['T']:.0e}".replace("e+0", "e"),
         row["method"],
         row["kind"],
-        _fmt(row["window"], "d"),
-        _fmt(fwd.get("iterations"), "d"),
-        _fmt(fwd.get("advances"), "d"),
-        _fmt(fwd.get("sequential_steps"), "d"),
-        _fmt(fwd.get("error"), ".1e"),
-        _fmt(grad.get("error"), ".1e"),
-        _fmt(ms(fwd.get("median_s")), ".0f"),
-        _fmt(mib(fwd.get("memory_bytes")), ".1f"),
-        _fmt(mib(over), ".1f"),
-        _fmt(ms(grad.get("median_s")), ".0f"),
-        _fmt(mib(grad.get("memory_bytes")), ".1f"),
+        fmt(row["window"], "d"),
+        fmt(fwd.get("iterations"), "d"),
+        fmt(fwd.get("advances"), "d"),
+        fmt(fwd.get("sequential_steps"), "d"),
+        fmt(fwd.get("error"), ".1e"),
+        fmt(grad.get("error"), ".1e"),
+        fmt(ms(fwd.get("median_s")), ".0f"),
+        fmt(mib(fwd.get("memory_bytes")), ".1f"),
+        fmt(mib(over), ".1f"),
+        fmt(ms(grad.get("median_s")), ".0f"),
+        fmt(mib(grad.get("memory_bytes")), ".1f"),
         "; ".join(notes),
     ]
 

@@ -84,19 +84,32 @@ def _shift_back(a: Array) -> Array:
     return jnp.concatenate([a[1:], jnp.zeros_like(a[:1])])
 
 
+def compose_matrices(
+    first: tuple[Array, Array], second: tuple[Array, Array]
+) -> tuple[Array, Array]:
+    """`(A_2, b_2) ∘ (A_1, b_1) = (A_2 A_1, A_2 b_1 + b_2)` for matrices `A` (with any
+    leading batch axes)."""
+    a1, b1 = first
+    a2, b2 = second
+    a_out = jnp.matmul(a2, a1, precision=_HIGHEST)
+    b_out = jnp.einsum("...ij,...j->...i", a2, b1, precision=_HIGHEST) + b2
+    return a_out, b_out
+
+
+def compose_diagonals(
+    first: tuple[Array, Array], second: tuple[Array, Array]
+) -> tuple[Array, Array]:
+    """`(a_2, b_2) ∘ (a_1, b_1) = (a_2 a_1, a_2 b_1 + b_2)` for diagonals `a`."""
+    a1, b1 = first
+    a2, b2 = second
+    return a2 * a1, a2 * b1 + b2
+
+
 def _affine_scan(a: Array, b: Array, reverse: bool) -> Array:
-    """`x_t = a_t x_{t-1} + b_t` by an associative scan of the affine maps `(a, b)`,
-    composed as `(a2, b2) ∘ (a1, b1) = (a2 a1, a2 b1 + b2)`; `a` may carry batch axes
-    of blocks after the time axis."""
-
-    def combine(first, second):
-        a1, b1 = first
-        a2, b2 = second
-        a_out = jnp.matmul(a2, a1, precision=_HIGHEST)
-        b_out = jnp.einsum("...ij,...j->...i", a2, b1, precision=_HIGHEST) + b2
-        return a_out, b_out
-
-    _, x = jax.lax.associative_scan(combine, (a, b), reverse=reverse)
+    """`x_t = a_t x_{t-1} + b_t` by an associative scan of the affine maps `(a, b)`
+    (`compose_matrices`); `a` may carry batch axes of blocks after the time
+    axis."""
+    _, x = jax.lax.associative_scan(compose_matrices, (a, b), reverse=reverse)
     return x
 
 
@@ -152,13 +165,7 @@ class DiagonalTransition(AbstractTransition):
 
     def solve(self, b, reverse=False):
         a = _shift_back(self.diagonals) if reverse else self.diagonals
-
-        def combine(first, second):
-            a1, b1 = first
-            a2, b2 = second
-            return a2 * a1, a2 * b1 + b2
-
-        _, x = jax.lax.associative_scan(combine, (a, b), reverse=reverse)
+        _, x = jax.lax.associative_scan(compose_diagonals, (a, b), reverse=reverse)
         return x
 
     def as_dense(self):

@@ -31,6 +31,8 @@ from jaxtyping import Array, Float
 
 from ._lds import (
     AbstractTransition,
+    compose_diagonals,
+    compose_matrices,
     DenseTransition,
     DiagonalTransition,
     IdentityTransition,
@@ -125,23 +127,7 @@ def _structure(transition: AbstractTransition) -> tuple[str, Array | None]:
 
 def _compose(kind: str) -> Callable:
     """`(A_2, b_2) ∘ (A_1, b_1) = (A_2 A_1, A_2 b_1 + b_2)` for the structure."""
-    if kind == "dense":
-
-        def combine(first, second):
-            a1, b1 = first
-            a2, b2 = second
-            a_out = jnp.matmul(a2, a1, precision=_HIGHEST)
-            b_out = jnp.einsum("...ij,...j->...i", a2, b1, precision=_HIGHEST) + b2
-            return a_out, b_out
-
-    else:
-
-        def combine(first, second):
-            a1, b1 = first
-            a2, b2 = second
-            return a2 * a1, a2 * b1 + b2
-
-    return combine
+    return compose_matrices if kind == "dense" else compose_diagonals
 
 
 def _apply(kind: str, block: Array | None, z: Float[Array, " d"]) -> Array:
