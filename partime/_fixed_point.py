@@ -26,7 +26,7 @@ from ._layout import AbstractLayout, shift, WholeSequence
 from ._method.base import AbstractMethod
 from ._sharded_fixed_point import previous_states, Sharded
 from ._stats import count, raise_if_failed, RESULTS, Stats
-from ._windowed import Blocks, SlidingWindow
+from ._windowed import AutomaticWindow, Blocks, SlidingWindow
 
 
 def index(xs: PyTree, t: Int[Array, ""] | int) -> PyTree:
@@ -84,7 +84,7 @@ _SCHEDULES = ("sliding", "blocks")
 def make_layout(
     length: int,
     *,
-    window: int | None = None,
+    window: int | Literal["auto"] | None = None,
     schedule: str = "sliding",
     tolerance_scale: ArrayLike | None = None,
     mesh: Mesh | None = None,
@@ -97,11 +97,14 @@ def make_layout(
             f"`schedule` must be one of {_SCHEDULES}, got {schedule!r}: 'sliding' for "
             "the ParaDiGMS sliding window, 'blocks' for Gauss-Seidel across blocks."
         )
-    if window is not None and (
-        isinstance(window, bool) or not isinstance(window, int | np.integer)
+    auto = isinstance(window, str) and window == "auto"
+    if (
+        window is not None
+        and not auto
+        and (isinstance(window, bool) or not isinstance(window, int | np.integer))
     ):
-        raise TypeError(f"`window` must be an integer or None, got {window!r}.")
-    if window is not None and window < 1:
+        raise TypeError(f"`window` must be an integer, 'auto' or None, got {window!r}.")
+    if window is not None and not auto and window < 1:
         raise ValueError(f"`window` must be at least 1, got {window}.")
     if mesh is not None:
         if window is not None or tolerance_scale is not None:
@@ -110,6 +113,8 @@ def make_layout(
                 "shard the whole horizon, or solve in windows on one device."
             )
         return Sharded(length, mesh, axis_name)
+    if auto:
+        return AutomaticWindow(length)
     if tolerance_scale is not None and schedule == "blocks":
         raise ValueError(
             "`tolerance_scale` works with `schedule='sliding'` only: each block is "
@@ -171,7 +176,7 @@ def fixed_point_solve(
     *,
     length: int | None = None,
     guess: Float[Array, "T d"] | None = None,
-    window: int | None = None,
+    window: int | Literal["auto"] | None = None,
     schedule: Literal["sliding", "blocks"] = "sliding",
     tolerance_scale: ArrayLike | None = None,
     mesh: Mesh | None = None,

@@ -34,7 +34,7 @@ def scan(
     guess: PyTree = None,
     return_stats: bool = False,
     throw: bool = True,
-    window: int | None = None,
+    window: int | Literal["auto"] | None = None,
     schedule: Literal["sliding", "blocks"] = "sliding",
     tolerance_scale: ArrayLike | None = None,
     mesh: Mesh | None = None,
@@ -152,7 +152,7 @@ def scan(
     last = states[-1]
     prev = previous(init_flat, states, mesh=mesh, axis_name=axis_name)
     output = lambda s, x: f(unravel(s), x)[1]
-    if window is None:
+    if window is None or isinstance(window, str):
         ys = jax.vmap(output)(prev, xs)
     else:
         ys = map_in_windows(output, (prev, xs), min(window, len(prev)))

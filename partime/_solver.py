@@ -585,8 +585,15 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
         else:
             guess = None
         # A sliding window of `window` inner steps moves through this one, or the
-        # inner steps split over the mesh's time axis.
-        window = self.window if self.window and self.window < self.num_steps else None
+        # inner steps split over the mesh's time axis. By default the automatic
+        # window, which relies on the chaos test above to keep chaotic windows out
+        # (without a coarse pass: the whole window).
+        if self.window is not None:
+            window = self.window if self.window < self.num_steps else None
+        elif growth is None or self.mesh is not None:
+            window = None
+        else:
+            window = "auto"
         states, stats = fixed_point_solve(
             flat_step,
             y0_flat,
