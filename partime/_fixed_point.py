@@ -200,7 +200,8 @@ def fixed_point_solve(
         little (between training steps), or a cheap coarse sequential pass (for an
         ODE, a few long steps interpolated; `partime.ParallelSolver` does this).
     - `window`, `schedule`, `tolerance_scale`: solve at most `window` steps at a
-        time (see *Windows* below).
+        time, or `window="auto"` to narrow the window only where the whole
+        sequence is hopeless (see *Windows* below).
     - `mesh`, `axis_name`: split the time axis over the devices of mesh axis
         `axis_name` (see *Meshes* below).
     - `throw`: raise an error if the solve failed (possible only with
@@ -278,6 +279,21 @@ def fixed_point_solve(
         iterations; it is sound where each step's own noise dwarfs the error (a
         diffusion sampler with noise `σ_t`), not for a deterministic or chaotic
         recurrence whose trajectory matters.
+
+    - `window="auto"`: the automatic window. The loop starts on the whole sequence
+        (a predictable recurrence runs exactly as with `window=None`), and where its
+        hopeless-case test would stop it, it narrows instead: updates are trusted
+        only over `width` steps past the converged prefix, the steps beyond held at
+        the first iterate, and `width` (initially `T`) shrinks 4× at every hopeless
+        verdict, down to `T / 64`, each time with the cap of a sliding window of
+        that width for the steps left; at the narrowest the fallback takes over.
+        Neutral recurrences (oscillators over many periods) then converge rather
+        than fall back. Every iteration still costs `T` steps (one compiled loop,
+        `O(log T)` depth), and nothing here tells chaos apart: a chaotic
+        recurrence is iterated in narrow windows, exact but at many times
+        sequential cost — hence opt-in (`partime.ParallelSolver` uses it by
+        default, behind its chaos test). Undamped methods with `fallback=True`;
+        others run the whole sequence. Derivatives as for the whole sequence.
 
     Derivatives are windowed too: one linear solve per block of `W` steps (dense,
     `O(W d²)`, for Newton; matrix-free for the others), recomputed in reverse mode

@@ -6,7 +6,8 @@ evaluate → the method's update → its trust region or damping → converged? 
 statistics. The method owns its policy (`propose`, `cut`, `judge`); the layout owns
 where time lives (the reductions over the steps in flight, the fallback); the schedule
 owns which steps are in flight (all of them, or a window that moves on past its
-settled steps). None of them edits this loop.
+settled steps) and may answer a hopeless verdict by narrowing the window it trusts
+updates over instead of stopping. None of them edits this loop.
 """
 
 import abc

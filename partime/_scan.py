@@ -64,7 +64,10 @@ def scan(
         `fallback=False`, or a non-finite `init`). If `False`, check `stats.result`.
     - `window`, `schedule`, `tolerance_scale`: solve `window` steps at a time, by a
         sliding window or by fixed blocks, optionally with per-step tolerance factors
-        (given in the order of `xs`); memory then stays bounded for any horizon. See
+        (given in the order of `xs`); memory then stays bounded for any horizon.
+        `window="auto"` narrows the window only where the whole sequence is
+        hopeless: neutral recurrences (oscillators) converge instead of falling
+        back, but chaotic ones are iterated too (hence opt-in). See
         [`partime.fixed_point_solve`][].
     - `mesh`, `axis_name`: split the time axis over the devices of mesh axis
         `axis_name` (which may be omitted on a 1-D mesh); `T` must be a multiple of

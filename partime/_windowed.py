@@ -12,6 +12,10 @@ at most `W` steps are in flight at a time, so memory is `O(W d²)` (Newton) or `
     rest of its iterate as the guess for the next iteration (ParaDiGMS; Shih et al.,
     2023). No iteration is spent on steps that have already converged, nor waits for
     the far end of a block.
+- `AutomaticWindow` (`window="auto"`): every step in flight, as on the whole
+    sequence, until the iteration is hopeless there; then updates are trusted only
+    over a window past the converged prefix that narrows at every hopeless verdict,
+    and the fallback runs only at the narrowest.
 
 Derivatives come from the one rule of `partime._fixed_point`, and are windowed too:
 the tangent solve at the solution is a `lax.scan` over blocks of `W` steps, each the
@@ -289,12 +293,14 @@ _NARROWEST = 64
 
 
 class _Narrowing(AbstractSchedule):
-    """The schedule of the automatic window: every step in flight, but the update is
-    trusted only `width` steps past the converged prefix (the window), the rest held
-    at a constant continuation of the window's last state. `width` starts at the
-    whole sequence and narrows `_NARROW`-fold whenever the iteration is judged
+    """The schedule of the automatic window: every step in flight, but updates are
+    trusted only `width` steps past the converged prefix (the window); the steps
+    beyond it are held at the first iterate, as a sliding window's new steps enter
+    from the guess. `width` starts at the whole sequence (a problem that converges
+    there runs as on it) and narrows `_NARROW`-fold whenever the iteration is judged
     hopeless, down to `length / _NARROWEST`; each narrowing brings the cap of a
-    sliding window of that width for the steps left. Its state is `width`."""
+    sliding window of that width for the steps left. Its state is `(width, first
+    iterate)`."""
 
     length: int = eqx.field(static=True)
     # The method's cap on a window of `length` steps.
