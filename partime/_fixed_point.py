@@ -26,7 +26,7 @@ from ._layout import AbstractLayout, shift, WholeSequence
 from ._method.base import AbstractMethod
 from ._sharded_fixed_point import previous_states, Sharded
 from ._stats import count, raise_if_failed, RESULTS, Stats
-from ._windowed import Blocks, SlidingWindow
+from ._windowed import AutomaticWindow, Blocks, SlidingWindow
 
 
 def index(xs: PyTree, t: Int[Array, ""] | int) -> PyTree:
@@ -84,7 +84,7 @@ _SCHEDULES = ("sliding", "blocks")
 def make_layout(
     length: int,
     *,
-    window: int | None = None,
+    window: int | Literal["auto"] | None = None,
     schedule: str = "sliding",
     tolerance_scale: ArrayLike | None = None,
     mesh: Mesh | None = None,
@@ -97,11 +97,14 @@ def make_layout(
             f"`schedule` must be one of {_SCHEDULES}, got {schedule!r}: 'sliding' for "
             "the ParaDiGMS sliding window, 'blocks' for Gauss-Seidel across blocks."
         )
-    if window is not None and (
-        isinstance(window, bool) or not isinstance(window, int | np.integer)
+    auto = isinstance(window, str) and window == "auto"
+    if (
+        window is not None
+        and not auto
+        and (isinstance(window, bool) or not isinstance(window, int | np.integer))
     ):
-        raise TypeError(f"`window` must be an integer or None, got {window!r}.")
-    if window is not None and window < 1:
+        raise TypeError(f"`window` must be an integer, 'auto' or None, got {window!r}.")
+    if window is not None and not auto and window < 1:
         raise ValueError(f"`window` must be at least 1, got {window}.")
     if mesh is not None:
         if window is not None or tolerance_scale is not None:
@@ -110,6 +113,8 @@ def make_layout(
                 "shard the whole horizon, or solve in windows on one device."
             )
         return Sharded(length, mesh, axis_name)
+    if auto:
+        return AutomaticWindow(length)
     if tolerance_scale is not None and schedule == "blocks":
         raise ValueError(
             "`tolerance_scale` works with `schedule='sliding'` only: each block is "
@@ -171,7 +176,7 @@ def fixed_point_solve(
     *,
     length: int | None = None,
     guess: Float[Array, "T d"] | None = None,
-    window: int | None = None,
+    window: int | Literal["auto"] | None = None,
     schedule: Literal["sliding", "blocks"] = "sliding",
     tolerance_scale: ArrayLike | None = None,
     mesh: Mesh | None = None,
@@ -195,7 +200,8 @@ def fixed_point_solve(
         little (between training steps), or a cheap coarse sequential pass (for an
         ODE, a few long steps interpolated; `partime.ParallelSolver` does this).
     - `window`, `schedule`, `tolerance_scale`: solve at most `window` steps at a
-        time (see *Windows* below).
+        time, or `window="auto"` to narrow the window only where the whole
+        sequence is hopeless (see *Windows* below).
     - `mesh`, `axis_name`: split the time axis over the devices of mesh axis
         `axis_name` (see *Meshes* below).
     - `throw`: raise an error if the solve failed (possible only with
@@ -273,6 +279,21 @@ def fixed_point_solve(
         iterations; it is sound where each step's own noise dwarfs the error (a
         diffusion sampler with noise `σ_t`), not for a deterministic or chaotic
         recurrence whose trajectory matters.
+
+    - `window="auto"`: the automatic window. The loop starts on the whole sequence
+        (a predictable recurrence runs exactly as with `window=None`), and where its
+        hopeless-case test would stop it, it narrows instead: updates are trusted
+        only over `width` steps past the converged prefix, the steps beyond held at
+        the first iterate, and `width` (initially `T`) shrinks 4× at every hopeless
+        verdict, down to `T / 64`, each time with the cap of a sliding window of
+        that width for the steps left; at the narrowest the fallback takes over.
+        Neutral recurrences (oscillators over many periods) then converge rather
+        than fall back. Every iteration still costs `T` steps (one compiled loop,
+        `O(log T)` depth), and nothing here tells chaos apart: a chaotic
+        recurrence is iterated in narrow windows, exact but at many times
+        sequential cost — hence opt-in (`partime.ParallelSolver` uses it by
+        default, behind its chaos test). Undamped methods with `fallback=True`;
+        others run the whole sequence. Derivatives as for the whole sequence.
 
     Derivatives are windowed too: one linear solve per block of `W` steps (dense,
     `O(W d²)`, for Newton; matrix-free for the others), recomputed in reverse mode

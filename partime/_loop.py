@@ -6,7 +6,8 @@ evaluate → the method's update → its trust region or damping → converged? 
 statistics. The method owns its policy (`propose`, `cut`, `judge`); the layout owns
 where time lives (the reductions over the steps in flight, the fallback); the schedule
 owns which steps are in flight (all of them, or a window that moves on past its
-settled steps). None of them edits this loop.
+settled steps) and may answer a hopeless verdict by narrowing the window it trusts
+updates over instead of stopping. None of them edits this loop.
 """
 
 import abc
@@ -76,6 +77,27 @@ class AbstractSchedule(eqx.Module):
     def finish(self, state: PyTree, states: Array) -> Array:
         """Every step's state, given the last iterate in flight."""
 
+    # Whether the schedule answers a hopeless iteration by narrowing the steps it
+    # iterates on (static): then `limit` and `narrow` below are used.
+    narrows: ClassVar[bool] = False
+
+    def limit(self, state: PyTree, prefix: Int[Array, ""]) -> Int[Array, ""]:
+        """The index from which the steps in flight are held (not updated), given
+        the converged `prefix`: the end of the window."""
+        raise NotImplementedError
+
+    def held(self, state: PyTree, states: Array) -> Array:
+        """The values at which the steps past `limit` are held, given the iterate."""
+        raise NotImplementedError
+
+    def narrow(
+        self, state: PyTree, iteration: Int[Array, ""], reached: Int[Array, ""]
+    ) -> tuple[Bool[Array, ""], PyTree, Int[Array, ""]]:
+        """`(narrowed, state, cap)` when the iteration is hopeless after `iteration`
+        iterations with `reached` steps converged: whether the schedule narrowed its
+        window (if not, the loop stops), and then its state and the new cap."""
+        raise NotImplementedError
+
 
 class WholeSchedule(AbstractSchedule):
     """Every step is in flight, all the time."""
@@ -124,6 +146,10 @@ class _Carry(eqx.Module):
     # Updates rejected in a row.
     rejections: Int[Array, ""]
     hopeless: Bool[Array, ""]
+    # The iteration cap (static, unless the schedule narrows), and the iteration
+    # from which the hopeless-case test measures (0, or the last narrowing).
+    cap: Int[Array, ""]
+    since: Int[Array, ""]
 
 
 def iterate(
@@ -172,7 +198,10 @@ def iterate(
 
     def cond_fun(carry):
         return (
-            (carry.iteration < cap) & ~converged(carry) & ~carry.hopeless & init_finite
+            (carry.iteration < carry.cap)
+            & ~converged(carry)
+            & ~carry.hopeless
+            & init_finite
         )
 
     def body_fun(carry):
@@ -182,11 +211,18 @@ def iterate(
         candidate = carry.states + delta
         first_bad = layout.first_false(jnp.all(jnp.isfinite(candidate), axis=-1))
         cut = jnp.minimum(method.cut(layout, carry.prefix, carry.policy), first_bad)
+        if schedule.narrows:
+            limit = schedule.limit(carry.schedule, carry.prefix)
+            cut = jnp.minimum(cut, limit)
         # Everything past the cut is unknown: continue it as a constant (a fresh flat
         # guess; an undamped update is exact at least one step past the prefix, so
         # progress is kept).
         anchor = layout.state_at(head, candidate, cut)
         candidate = jnp.where((index >= cut)[:, None], anchor, candidate)
+        if schedule.narrows:
+            # Past the window the iterate is held: the update there is not trusted.
+            held = schedule.held(carry.schedule, carry.states)
+            candidate = jnp.where((index >= limit)[:, None], held, candidate)
         # The residual first; the transitions (Newton's Jacobians: the expensive
         # part) only below, once the iteration is known to go on from here.
         f = jax.vmap(step)(layout.previous(head, candidate), xs_now)
@@ -231,8 +267,8 @@ def iterate(
             merit_rate, eps
         )
         needs = jnp.minimum(prefix_needs, merit_needs)
-        left = (cap - iteration).astype(dtype)
-        hopeless = (iteration >= window_size) & (needs > left)
+        left = (carry.cap - iteration).astype(dtype)
+        hopeless = (iteration - carry.since >= window_size) & (needs > left)
         rejections = jnp.where(accept, 0, carry.rejections + 1)
         if method.rejections_are_hopeless:
             # Updates rejected again and again (two in a row at Newton's default
@@ -245,14 +281,32 @@ def iterate(
             hopeless = jnp.array(False)
         past_prefix = jnp.concatenate([carry.past_prefix[1:], reached[None]])
         past_merit = jnp.concatenate([carry.past_merit[1:], merit[None]])
+        new_cap, since = carry.cap, carry.since
+        schedule_state = carry.schedule
+        if schedule.narrows:
+            # Hopeless over the window: narrow it and go on, with fresh patience,
+            # unless it is as narrow as it gets.
+            narrowed, narrowed_state, narrowed_cap = schedule.narrow(
+                carry.schedule, iteration, reached
+            )
+            narrowed = hopeless & narrowed
+            hopeless = hopeless & ~narrowed
+            rejections = jnp.where(narrowed, 0, rejections)
+            past_prefix = jnp.where(narrowed, reached, past_prefix)
+            past_merit = jnp.where(narrowed, merit, past_merit)
+            new_cap = jnp.where(narrowed, narrowed_cap, new_cap)
+            since = jnp.where(narrowed, iteration, since)
+            schedule_state = jtu.tree_map(
+                lambda a, b: jnp.where(narrowed, a, b), narrowed_state, schedule_state
+            )
         # Move on and linearise at the accepted iterate only if there will be a next
         # iteration: a rejected candidate, the last iterate and a hopeless one need
         # none. (On Lorenz-63 this skips two of the three Jacobian evaluations.)
         done = offset + settled == total
-        goes_on = accept & (iteration < cap) & ~done & ~hopeless
+        goes_on = accept & (iteration < new_cap) & ~done & ~hopeless
 
         def go_on():
-            sched, moved, shift = schedule.advance(carry.schedule, states, settled)
+            sched, moved, shift = schedule.advance(schedule_state, states, settled)
             head, xs_now, scale_now = schedule.in_flight(sched, init, xs, scale)
             f, transition = method.linearise(step, layout.previous(head, moved), xs_now)
             if schedule.moves:
@@ -264,7 +318,7 @@ def iterate(
 
         def stop():
             zero = jnp.asarray(0, jnp.int32)
-            kept = (carry.schedule, states, carry.transition, residual, merit)
+            kept = (schedule_state, states, carry.transition, residual, merit)
             return (*kept, prefix, settled, zero)
 
         sched, states, transition, residual, merit, prefix, settled, shift = (
@@ -285,6 +339,8 @@ def iterate(
             past_merit=past_merit,
             rejections=rejections,
             hopeless=hopeless,
+            cap=new_cap,
+            since=since,
         )
 
     sched, states = schedule.start(init, guess)
@@ -319,6 +375,8 @@ def iterate(
         past_merit=jnp.broadcast_to(merit, (window_size,)),
         rejections=count(0),
         hopeless=give_up,
+        cap=count(cap),
+        since=count(0),
     )
     carry = jax.lax.while_loop(cond_fun, body_fun, carry)
     states = carry.states

@@ -34,7 +34,7 @@ def scan(
     guess: PyTree = None,
     return_stats: bool = False,
     throw: bool = True,
-    window: int | None = None,
+    window: int | Literal["auto"] | None = None,
     schedule: Literal["sliding", "blocks"] = "sliding",
     tolerance_scale: ArrayLike | None = None,
     mesh: Mesh | None = None,
@@ -64,7 +64,10 @@ def scan(
         `fallback=False`, or a non-finite `init`). If `False`, check `stats.result`.
     - `window`, `schedule`, `tolerance_scale`: solve `window` steps at a time, by a
         sliding window or by fixed blocks, optionally with per-step tolerance factors
-        (given in the order of `xs`); memory then stays bounded for any horizon. See
+        (given in the order of `xs`); memory then stays bounded for any horizon.
+        `window="auto"` narrows the window only where the whole sequence is
+        hopeless: neutral recurrences (oscillators) converge instead of falling
+        back, but chaotic ones are iterated too (hence opt-in). See
         [`partime.fixed_point_solve`][].
     - `mesh`, `axis_name`: split the time axis over the devices of mesh axis
         `axis_name` (which may be omitted on a 1-D mesh); `T` must be a multiple of
@@ -152,7 +155,7 @@ def scan(
     last = states[-1]
     prev = previous(init_flat, states, mesh=mesh, axis_name=axis_name)
     output = lambda s, x: f(unravel(s), x)[1]
-    if window is None:
+    if window is None or isinstance(window, str):
         ys = jax.vmap(output)(prev, xs)
     else:
         ys = map_in_windows(output, (prev, xs), min(window, len(prev)))

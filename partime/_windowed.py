@@ -12,6 +12,10 @@ at most `W` steps are in flight at a time, so memory is `O(W d²)` (Newton) or `
     rest of its iterate as the guess for the next iteration (ParaDiGMS; Shih et al.,
     2023). No iteration is spent on steps that have already converged, nor waits for
     the far end of a block.
+- `AutomaticWindow` (`window="auto"`): every step in flight, as on the whole
+    sequence, until the iteration is hopeless there; then updates are trusted only
+    over a window past the converged prefix that narrows at every hopeless verdict,
+    and the fallback runs only at the narrowest.
 
 Derivatives come from the one rule of `partime._fixed_point`, and are windowed too:
 the tangent solve at the solution is a `lax.scan` over blocks of `W` steps, each the
@@ -30,7 +34,7 @@ import jax.tree_util as jtu
 from jaxtyping import Array, Int, PyTree
 
 from ._layout import AbstractLayout, linear_tangent_solve, WholeSequence, zeros_for_none
-from ._loop import AbstractSchedule, iterate
+from ._loop import AbstractSchedule, iterate, WholeSchedule
 from ._method.base import AbstractDampedMethod
 from ._stats import count, RESULTS, Stats
 
@@ -280,3 +284,72 @@ class SlidingWindow(_AbstractWindowed):
             scale,
             give_up,
         )
+
+
+# The automatic window narrows this many times per hopeless verdict, down to this
+# fraction of the sequence.
+_NARROW = 4
+_NARROWEST = 64
+
+
+class _Narrowing(AbstractSchedule):
+    """The schedule of the automatic window: every step in flight, but updates are
+    trusted only `width` steps past the converged prefix (the window); the steps
+    beyond it are held at the first iterate, as a sliding window's new steps enter
+    from the guess. `width` starts at the whole sequence (a problem that converges
+    there runs as on it) and narrows `_NARROW`-fold whenever the iteration is judged
+    hopeless, down to `length / _NARROWEST`; each narrowing brings the cap of a
+    sliding window of that width for the steps left. Its state is `(width, first
+    iterate)`."""
+
+    length: int = eqx.field(static=True)
+    # The method's cap on a window of `length` steps.
+    per_window: int = eqx.field(static=True)
+    moves: ClassVar[bool] = False
+    narrows: ClassVar[bool] = True
+
+    def iteration_cap(self, method):
+        return method.iteration_cap(self.length)
+
+    def start(self, init, guess):
+        return (count(self.length), guess), guess
+
+    def in_flight(self, state, init, xs, scale):
+        return init, xs, scale
+
+    def offset(self, state):
+        return count(0)
+
+    def advance(self, state, states, settled):
+        return state, states, count(0)
+
+    def finish(self, state, states):
+        return states
+
+    def limit(self, state, prefix):
+        return prefix + state[0]
+
+    def held(self, state, states):
+        del states
+        return state[1]
+
+    def narrow(self, state, iteration, reached):
+        narrowest = -(-self.length // _NARROWEST)
+        width = jnp.maximum(state[0] // _NARROW, narrowest)
+        windows = -(-(self.length - reached) // width)
+        cap = iteration + windows * jnp.minimum(self.per_window, width)
+        return width < state[0], (width, state[1]), cap
+
+
+class AutomaticWindow(WholeSequence):
+    """Every step at once, narrowing to a window past the converged prefix when the
+    iteration over the whole sequence is hopeless (`window=None`)."""
+
+    def forward(self, step, init, xs, guess, scale, method, give_up):
+        if method.fallback and not isinstance(method, AbstractDampedMethod):
+            schedule = _Narrowing(self.length, method.iteration_cap(self.length))
+        else:
+            # Damped methods judge the merit of the whole sequence, and without a
+            # fallback the iteration is never given up: nothing to narrow.
+            schedule = WholeSchedule(self.length)
+        return iterate(step, init, xs, guess, method, self, schedule, scale, give_up)

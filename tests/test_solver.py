@@ -686,3 +686,39 @@ def test_lyapunov_and_chaos(problem):
     else:
         assert reference < -0.1
         _assert_well_behaved(state, 1)
+
+
+def _van_der_pol_vf(t, y, args):
+    return jnp.stack([y[1], (1 - y[0] ** 2) * y[1] - y[0]])
+
+
+@pytest.fixture(scope="module")
+def automatic_window_case():
+    """Van der Pol (μ = 1) over 100 time units, about 15 periods, in 2000 Tsit5 steps:
+    neutral. The default (automatic window) and the whole window (`window =
+    num_steps`, which iterates on every step until it gives up), and sequential
+    diffrax on the same grid."""
+    t1, num_steps, y0 = 100.0, 2000, np.array([2.0, 0.0])
+    term = diffrax.ODETerm(_van_der_pol_vf)
+    ts = np.linspace(0.0, t1, 41)
+    saveat = diffrax.SaveAt(ts=ts, solver_state=True)
+    states = {}
+    for window in (None, num_steps):
+        solver = partime.ParallelSolver(num_steps=num_steps, window=window)
+        states[window] = _solve(solver, 0.0, t1, t1, y0, None, term=term, saveat=saveat)
+    grid = _inner_grid(np.array([0.0, t1]), num_steps)
+    ref = _solve_on_grid(diffrax.Tsit5(), grid, y0, None, term=term, ts=ts)
+    return num_steps, states[None], states[num_steps], ref
+
+
+def test_automatic_window_neutral(automatic_window_case):
+    """The whole window gives up and falls back; the automatic window narrows
+    instead, converges without the fallback, and equals sequential diffrax. (The
+    chaotic and predictable cases: `test_lyapunov_and_chaos`.)"""
+    num_steps, auto, whole, ref = automatic_window_case
+    assert int(whole.solver_state.num_fallbacks) == 1
+    _assert_close(whole.ys, ref.ys, RTOL_Y)
+    _assert_close(auto.ys, ref.ys, RTOL_Y)
+    assert int(auto.solver_state.num_fallbacks) == 0
+    # Parallel: on average more than 10 steps settle per iteration.
+    assert 0 < int(auto.solver_state.num_iterations) < num_steps // 10

@@ -1,6 +1,8 @@
 """Windowed solves (`partime.scan(..., window=W)`): fixed blocks and the sliding
 window, against `jax.lax.scan` and the unwindowed `partime.scan`."""
 
+import functools
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -213,6 +215,78 @@ def test_vmap():
     assert max_rel_error(got, expected) < 1e-8
 
 
+# The automatic window ---------------------------------------------------------------
+
+
+def test_automatic_window_predictable(values_case):
+    """On a contracting recurrence the whole sequence converges: the automatic
+    window never narrows, and is the whole-sequence solve, iteration for iteration
+    and bit for bit."""
+    (cell, init, xs), expected, (unwindowed, whole), _ = values_case
+    *out, stats = partime.scan(cell, init, xs, window="auto", return_stats=True)
+    assert max_rel_error(out, expected) < 1e-8
+    assert not stats.fell_back
+    # Newton on a contracting recurrence: a handful of iterations.
+    assert int(stats.num_iterations) == int(whole.num_iterations) <= 10
+    assert tree_allclose(out, unwindowed, rtol=0, atol=0)
+
+
+_VDP_STEP, _VDP_LENGTH = 0.05, 2000
+
+
+def _van_der_pol(y, t):
+    """One RK4 step of van der Pol (μ = 1); `t` unused."""
+    del t
+
+    def field(y):
+        return jnp.stack([y[1], (1 - y[0] ** 2) * y[1] - y[0]])
+
+    h = _VDP_STEP
+    k1 = field(y)
+    k2 = field(y + h / 2 * k1)
+    k3 = field(y + h / 2 * k2)
+    k4 = field(y + h * k3)
+    y = y + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+    return y, y[0]
+
+
+@pytest.fixture(scope="module")
+def neutral_case():
+    """Van der Pol over 100 time units (about 15 periods) from a flat guess."""
+    init = jnp.array([2.0, 0.0])
+    xs = jnp.arange(_VDP_LENGTH, dtype=init.dtype) * _VDP_STEP
+    expected = _lax_scan(_van_der_pol, init, xs)
+    return init, xs, expected
+
+
+def test_automatic_window_neutral(neutral_case):
+    """The whole sequence gives up and falls back; the automatic window narrows,
+    converges without the fallback, exactly, and in parallel."""
+    init, xs, expected = neutral_case
+    *out, whole = partime.scan(_van_der_pol, init, xs, return_stats=True)
+    assert whole.fell_back and max_rel_error(out, expected) < 1e-8
+    *out, stats = partime.scan(_van_der_pol, init, xs, window="auto", return_stats=True)
+    assert max_rel_error(out, expected) < 1e-8
+    assert not stats.fell_back
+    assert stats.result == partime.RESULTS.successful
+    # Parallel: on average more than 10 steps settle per iteration.
+    assert 0 < int(stats.num_iterations) < _VDP_LENGTH // 10
+
+
+def test_automatic_window_gradient(neutral_case):
+    """The derivative is the whole sequence's implicit one at the solution."""
+    init, xs, _ = neutral_case
+
+    def loss(scan_fn, init):
+        final, ys = scan_fn(_van_der_pol, init, xs)
+        return jnp.sum(ys**2) + jnp.sum(final)
+
+    auto = functools.partial(partime.scan, window="auto")
+    expected = jax.grad(functools.partial(loss, jax.lax.scan))(init)
+    got = jax.grad(functools.partial(loss, auto))(init)
+    assert max_rel_error(got, expected) < 1e-7
+
+
 # Failure modes and the fallback ----------------------------------------------------
 
 
@@ -271,6 +345,8 @@ def test_bad_arguments():
         partime.scan(f, init, xs, window=0)
     with pytest.raises(TypeError, match="int"):
         partime.scan(f, init, xs, window=2.5)
+    with pytest.raises(TypeError, match="'auto'"):
+        partime.scan(f, init, xs, window="whole")
     with pytest.raises(ValueError, match="schedule"):
         partime.scan(f, init, xs, window=2, schedule="diagonal")
     with pytest.raises(ValueError, match="sliding"):
