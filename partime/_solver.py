@@ -3,7 +3,7 @@ import math
 import sys
 import types
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import diffrax
 import equinox as eqx
@@ -68,6 +68,10 @@ class ParallelSolverState(eqx.Module):
 def _is_count(value: Any, minimum: int) -> bool:
     """Whether `value` is a Python `int` (not a `bool`) of at least `minimum`."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _is_auto(value: Any) -> bool:
+    return isinstance(value, str) and value == "auto"
 
 
 # A window is handed to the exact sequential fallback at once when a perturbation
@@ -251,24 +255,29 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
     converges slowly does not redo its converged head, and Newton's memory is
     `O(W d²)` rather than `O(num_steps · d²)`. The result is the same.
 
-    **The automatic window** (`window=None`, the default). The iteration starts on
-    all `num_steps` inner steps, so a window that is predictable runs as on the whole
-    window, iteration for iteration. Where the iteration would give up — a neutral
-    window, such as an oscillator over many periods — it narrows instead: each
-    update is trusted only over a window past the converged prefix, 4× narrower at
-    every hopeless verdict (down to `num_steps / 64`), the steps beyond it held at
-    the first guess, with the iteration cap of a sliding window of that width; only
-    at the narrowest does the rest go to the sequential fallback. Chaotic windows
-    never get there: the chaos test gives them to the fallback at once. (Van der
-    Pol, μ = 1, over 100 time units in 10⁴ Tsit5 steps: about 100 iterations and
-    no fallback, where the whole window gives up after 3.) Every iteration still
-    evaluates all `num_steps` inner steps (one compiled loop): on an accelerator an
-    iteration costs about its depth, but on a CPU its work, and a neutral window over
-    many periods can then cost far more than the fallback. Pass `window=W` there (a
-    sliding window: each iteration costs `W` steps; about ten times the steps that
-    settle per iteration), or `window=num_steps` for the whole window (give up, go
-    sequential). Without a coarse pass (`coarse_steps=0`) there is no chaos test,
-    and the default is the whole window.
+    **The automatic window** (`window="auto"`; the default on accelerators). The
+    iteration starts on all `num_steps` inner steps, so a window that is predictable
+    runs as on the whole window, iteration for iteration. Where the iteration would
+    give up — a neutral window, such as an oscillator over many periods — it narrows
+    instead: each update is trusted only over a window past the converged prefix, 4×
+    narrower at every hopeless verdict (down to `num_steps / 64`), the steps beyond
+    it held at the first guess, with the iteration cap of a sliding window of that
+    width; only at the narrowest does the rest go to the sequential fallback.
+    Chaotic windows never get there: the chaos test gives them to the fallback at
+    once. (Van der Pol, μ = 1, over 100 time units in 10⁴ Tsit5 steps: about 100
+    iterations and no fallback, where the whole window gives up after 3.) Every
+    iteration still evaluates all `num_steps` inner steps (one compiled loop): on an
+    accelerator an iteration costs about its depth, but on a CPU its work, where a
+    neutral window over many periods then costs far more than the fallback (78× the
+    sequential time against 4×, on the van der Pol window above). So `window=None`
+    means `"auto"` off a CPU (`jax.default_backend()` at trace time) and the whole
+    window on a CPU, where a hopeless window goes to the sequential fallback after a
+    few iterations. Pass `window=W` for a sliding window (each iteration costs `W`
+    steps; about ten times the steps that settle per iteration: 11× sequential on
+    that window with `W = 1000`), `window="auto"` to narrow on any platform, or
+    `window=num_steps` for the whole window everywhere. Without a coarse pass
+    (`coarse_steps=0`) there is no chaos test, and the automatic window is the
+    whole window.
 
     ```python
     term = diffrax.ODETerm(lambda t, y, args: -y)
@@ -391,7 +400,7 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
     num_steps: int = eqx.field(static=True)
     method: AbstractMethod
     coarse_steps: int | None = eqx.field(static=True)
-    window: int | None = eqx.field(static=True)
+    window: int | Literal["auto"] | None = eqx.field(static=True)
     guess: Callable[[Any], PyTree] | None
     mesh: Mesh | None = eqx.field(static=True)
     axis_name: str | None = eqx.field(static=True)
@@ -402,7 +411,7 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
         num_steps: int = 100,
         method: AbstractMethod | None = None,
         coarse_steps: int | None = None,
-        window: int | None = None,
+        window: int | Literal["auto"] | None = None,
         guess: Callable[[Any], PyTree] | None = None,
         mesh: Mesh | None = None,
         axis_name: str | None = None,
@@ -419,7 +428,7 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
         num_steps: int = 100,
         method: AbstractMethod | None = None,
         coarse_steps: int | None = None,
-        window: int | None = None,
+        window: int | Literal["auto"] | None = None,
         guess: Callable[[Any], PyTree] | None = None,
         mesh: Mesh | None = None,
         axis_name: str | None = None,
@@ -451,11 +460,12 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
                 "`partime.ParallelSolver(coarse_steps=...)` must be `None` or a "
                 f"non-negative integer; got {self.coarse_steps!r}."
             )
-        if self.window is not None:
+        if self.window is not None and not _is_auto(self.window):
             if not _is_count(self.window, 1):
                 raise ValueError(
-                    "`partime.ParallelSolver(window=...)` must be `None` or a positive "
-                    f"integer (inner steps in flight at a time); got {self.window!r}."
+                    "`partime.ParallelSolver(window=...)` must be `None`, `'auto'` or "
+                    "a positive integer (inner steps in flight at a time); got "
+                    f"{self.window!r}."
                 )
             if self.window > self.num_steps:
                 raise ValueError(
@@ -463,10 +473,10 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
                     f"(the inner steps of one diffrax step); got window={self.window} "
                     f"with num_steps={self.num_steps}."
                 )
-            if self.mesh is not None:
-                raise ValueError(
-                    "`partime.ParallelSolver` takes `window=` or `mesh=`, not both."
-                )
+        if self.window is not None and self.mesh is not None:
+            raise ValueError(
+                "`partime.ParallelSolver` takes `window=` or `mesh=`, not both."
+            )
         if self.guess is not None and not callable(self.guess):
             raise TypeError(
                 "`partime.ParallelSolver(guess=...)` must be a function of `t` "
@@ -604,15 +614,18 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
         else:
             guess = None
         # A sliding window of `window` inner steps moves through this one, or the
-        # inner steps split over the mesh's time axis. By default the automatic
-        # window, which relies on the chaos test above to keep chaotic windows out
-        # (without a coarse pass: the whole window).
-        if self.window is not None:
+        # inner steps split over the mesh's time axis. The automatic window (by
+        # default off a CPU) relies on the chaos test above to keep chaotic windows
+        # out (without a coarse pass: the whole window).
+        automatic = _is_auto(self.window) or (
+            self.window is None and jax.default_backend() != "cpu"
+        )
+        if automatic:
+            window = None if growth is None or self.mesh is not None else "auto"
+        elif self.window is not None:
             window = self.window if self.window < self.num_steps else None
-        elif growth is None or self.mesh is not None:
-            window = None
         else:
-            window = "auto"
+            window = None
         states, stats = fixed_point_solve(
             flat_step,
             y0_flat,
@@ -709,9 +722,10 @@ ParallelSolver.__init__.__doc__ = """**Arguments:**
     many inner steps, that predict the window's solution as the iteration's first
     guess. `None` (the default) takes `ceil(sqrt(num_steps))`; `0` starts from the
     constant `y(t0)` instead, with no sequential work at all (static).
-- `window`: `None` (the default) for the automatic window; `W <= num_steps` for a
-    sliding window of `W` inner steps; `num_steps` for the whole window, unadapted.
-    See above (static).
+- `window`: `"auto"` for the automatic window; `W <= num_steps` for a sliding
+    window of `W` inner steps; `num_steps` for the whole window, unadapted; `None`
+    (the default): `"auto"` on accelerators, the whole window on a CPU. See above
+    (static).
 - `mesh`, `axis_name`: split each window's inner steps over the devices of mesh axis
     `axis_name` (which may be omitted on a 1-D mesh); `num_steps` must be a multiple of
     their number. See [`partime.fixed_point_solve`][].

@@ -654,14 +654,18 @@ def _qr_lyapunov(vf, y0, t1, num_steps):
 def test_lyapunov_and_chaos(problem):
     """`ParallelSolverState.lyapunov` has the sign of an independent QR estimate;
     the chaotic window (Lorenz-63 over 20 time units) goes to the sequential
-    fallback with no iteration, and both equal sequential diffrax on the grid."""
+    fallback with no iteration, and both equal sequential diffrax on the grid. With
+    the automatic window (the default on accelerators): the chaos test keeps
+    Lorenz out of it, and the predictable window runs as on the whole window."""
     vf, y0 = {
         "lorenz": (_lorenz_vf, np.array([1.0, 1.0, 1.0])),
         "damped-pendulum": (_damped_pendulum_vf, np.array([2.5, 0.0])),
     }[problem]
     t1, num_steps = 20.0, 2000
     term = diffrax.ODETerm(vf)
-    solver = partime.ParallelSolver(diffrax.Tsit5(), num_steps=num_steps)
+    solver = partime.ParallelSolver(
+        diffrax.Tsit5(), num_steps=num_steps, window="auto"
+    )
     ts = np.linspace(0.0, t1, 41)
     sol = _solve(
         solver,
@@ -695,29 +699,37 @@ def _van_der_pol_vf(t, y, args):
 @pytest.fixture(scope="module")
 def automatic_window_case():
     """Van der Pol (μ = 1) over 100 time units, about 15 periods, in 2000 Tsit5 steps:
-    neutral. The default (automatic window) and the whole window (`window =
-    num_steps`, which iterates on every step until it gives up), and sequential
-    diffrax on the same grid."""
+    neutral. The automatic window, the default (on a CPU: the whole window) and the
+    whole window (`window = num_steps`, which iterates on every step until it gives
+    up), and sequential diffrax on the same grid."""
     t1, num_steps, y0 = 100.0, 2000, np.array([2.0, 0.0])
     term = diffrax.ODETerm(_van_der_pol_vf)
     ts = np.linspace(0.0, t1, 41)
     saveat = diffrax.SaveAt(ts=ts, solver_state=True)
     states = {}
-    for window in (None, num_steps):
+    for window in ("auto", None, num_steps):
         solver = partime.ParallelSolver(num_steps=num_steps, window=window)
         states[window] = _solve(solver, 0.0, t1, t1, y0, None, term=term, saveat=saveat)
     grid = _inner_grid(np.array([0.0, t1]), num_steps)
     ref = _solve_on_grid(diffrax.Tsit5(), grid, y0, None, term=term, ts=ts)
-    return num_steps, states[None], states[num_steps], ref
+    return num_steps, states, ref
 
 
 def test_automatic_window_neutral(automatic_window_case):
     """The whole window gives up and falls back; the automatic window narrows
     instead, converges without the fallback, and equals sequential diffrax. (The
-    chaotic and predictable cases: `test_lyapunov_and_chaos`.)"""
-    num_steps, auto, whole, ref = automatic_window_case
+    chaotic and predictable cases: `test_lyapunov_and_chaos`.) The default is the
+    automatic window off a CPU, the whole window on one."""
+    num_steps, states, ref = automatic_window_case
+    auto, whole = states["auto"], states[num_steps]
+    default = states["auto" if jax.default_backend() != "cpu" else num_steps]
     assert int(whole.solver_state.num_fallbacks) == 1
     _assert_close(whole.ys, ref.ys, RTOL_Y)
+    for name in ("num_iterations", "num_fallbacks"):
+        assert int(getattr(states[None].solver_state, name)) == int(
+            getattr(default.solver_state, name)
+        )
+    np.testing.assert_array_equal(states[None].ys, default.ys)
     _assert_close(auto.ys, ref.ys, RTOL_Y)
     assert int(auto.solver_state.num_fallbacks) == 0
     # Parallel: on average more than 10 steps settle per iteration.
