@@ -450,49 +450,60 @@ def _speed_ode(name, length):
     term = diffrax.ODETerm(lambda t, y, args: field(t, y, parameter))
     y0 = jnp.asarray(y0)
     dt = t1 / length
-    # The answer is checked at 101 points of the inner grid (every `T/100`-th step),
-    # which both solves also return while timed.
-    save_ts = jnp.linspace(0.0, t1, 101)
 
-    @jax.jit
-    def sequential_diffrax(y0):
+    def sequential_diffrax(saveat):
         # The same grid up to rounding, with a constant step: diffrax's fastest way
         # to step it (`StepTo` on the exact grid costs more).
-        sol = diffrax.diffeqsolve(
-            term,
-            diffrax.Tsit5(),
-            0.0,
-            t1,
-            dt,
-            y0,
-            saveat=diffrax.SaveAt(ts=save_ts),
-            max_steps=length,
-            throw=False,
-        )
-        return sol.ys, sol.result
+        @jax.jit
+        def solve(y0):
+            sol = diffrax.diffeqsolve(
+                term,
+                diffrax.Tsit5(),
+                0.0,
+                t1,
+                dt,
+                y0,
+                saveat=saveat,
+                max_steps=length,
+                throw=False,
+            )
+            return sol.ys, sol.result
 
-    @jax.jit
-    def parallel(y0):
+        return solve
+
+    def parallel(saveat):
         # The defaults: one window over the horizon, through the documented recipe
         # (`WindowController`, `dt0` the inner step); no method, no window set.
-        sol = diffrax.diffeqsolve(
-            term,
-            partime.ParallelSolver(diffrax.Tsit5(), num_steps=length),
-            0.0,
-            t1,
-            dt,
-            y0,
-            saveat=diffrax.SaveAt(ts=save_ts, solver_state=True),
-            stepsize_controller=partime.WindowController(),
-            max_steps=1,
-            throw=False,
-        )
-        return sol.ys, sol.result, sol.solver_state
+        @jax.jit
+        def solve(y0):
+            sol = diffrax.diffeqsolve(
+                term,
+                partime.ParallelSolver(diffrax.Tsit5(), num_steps=length),
+                0.0,
+                t1,
+                dt,
+                y0,
+                saveat=saveat,
+                stepsize_controller=partime.WindowController(),
+                max_steps=1,
+                throw=False,
+            )
+            return sol.ys, sol.result, sol.solver_state
 
+        return solve
+
+    # Timed: the final state only (`SaveAt(ts=...)` makes every sequential step
+    # look for save points: 3-4x slower). Checked: also 101 points of the inner grid
+    # (every `T/100`-th step).
+    final = diffrax.SaveAt(t1=True, solver_state=True)
+    points = diffrax.SaveAt(ts=jnp.linspace(0.0, t1, 101))
+    sequential_final, parallel_final = sequential_diffrax(final), parallel(final)
     compile_start = time.perf_counter()
-    reference, ref_result = sequential_diffrax(y0)
-    ys, result, state = jax.block_until_ready(parallel(y0))
+    reference, ref_result = sequential_final(y0)
+    ys, result, state = jax.block_until_ready(parallel_final(y0))
     first_s = time.perf_counter() - compile_start
+    reference_points, ref_points_result = sequential_diffrax(points)(y0)
+    ys_points, points_result, _ = parallel(points)(y0)
     row = {
         "problem": name,
         "solver": "ParallelSolver(Tsit5(), num_steps=T) + WindowController()",
@@ -500,9 +511,14 @@ def _speed_ode(name, length):
         "kind": kind,
         "T": length,
         "t1": t1,
-        "reference_ok": bool(ref_result == diffrax.RESULTS.successful)
-        and _finite(reference),
-        "parallel_ok": bool(result == diffrax.RESULTS.successful) and _finite(ys),
+        "reference_ok": all(
+            r == diffrax.RESULTS.successful for r in (ref_result, ref_points_result)
+        )
+        and _finite((reference, reference_points)),
+        "parallel_ok": all(
+            r == diffrax.RESULTS.successful for r in (result, points_result)
+        )
+        and _finite((ys, ys_points)),
         "iterations": int(state.num_iterations),
         # One window: it fell back or it did not. `ParallelSolverState` counts the
         # windows that fell back, not the steps (the fallback starts after the
@@ -514,7 +530,8 @@ def _speed_ode(name, length):
         "state": _fields(state),
         "first_call_incl_compile_s": first_s,
     }
-    return row, (sequential_diffrax, lambda y: parallel(y)[0]), (y0,), ys, reference
+    fns = (lambda y: sequential_final(y)[0], lambda y: parallel_final(y)[0])
+    return row, fns, (y0,), (ys, ys_points), (reference, reference_points)
 
 
 def _speed_scan(name, length):
@@ -675,9 +692,9 @@ Every row is solved twice on the same grid: by the defaults
 window over the horizon, no method or window set; `partime.scan(f, init, xs)` for
 the RNNs) and sequentially (`diffrax.Tsit5()` with the constant step `t1 / T`;
 `jax.lax.scan`), in float64. Each row first checks the answer: `error` is the largest
-error against sequential relative to the largest magnitude, at 101 points of the
-inner grid (every `T/100`-th step; every step for the RNNs); `exact` means a
-successful solve within {rtol:g}, anything else is flagged **WRONG**. `λ·T`: the
+error against sequential relative to the largest magnitude, at `t1` and at 101
+points of the inner grid (every `T/100`-th step; every step for the RNNs); `exact`
+means a successful solve within {rtol:g}, anything else is flagged **WRONG**. `λ·T`: the
 solver's own estimate of the log-amplification over the horizon
 (`ParallelSolverState.lyapunov · t1`, `Stats.lyapunov · T`). `iterations`: parallel
 iterations in total (the depth). `fallback steps`: steps computed by the exact
@@ -685,11 +702,14 @@ sequential fallback (`ParallelSolverState` counts the windows that fell back, no
 the steps: with one window, at most `T`).
 
 Timing: the CPU has 2 cores and was shared with 4 other engineers' jobs (load
-varies during the run): times are medians of interleaved calls (sequential, defaults,
-sequential, ...; up to `--repeats` rounds, at least 3, fewer past {budget:g} s per
-row), after a warm-up call. Read the ratio (defaults / sequential, below 1 is faster),
-not the absolute times. On a CPU the parallel iteration does more work than the
-sequential loop; the ratios show the cost of the defaults here, not on an accelerator.
+varies during the run): times are medians of interleaved calls (sequential,
+defaults, sequential, ...; up to `--repeats` rounds, at least 3, fewer past
+{budget:g} s per row), after a warm-up call. The ODE solves timed return the final
+state only (`SaveAt(t1=True)`: with `SaveAt(ts=...)` every sequential diffrax step
+looks for save points, 3–4× slower); the scans return every output. Read the ratio
+(defaults / sequential, below 1 is faster), not the absolute times. On a CPU the
+parallel iteration does more work than the sequential loop; the ratios show the
+cost of the defaults here, not on an accelerator.
 
 Goals (issue 14): every row exact; no contracting or neutral row falls back; van der
 Pol over [0, 100] at 10⁴ steps in at most 10 iterations per window; Lorenz-63 at most
