@@ -51,6 +51,7 @@ writes only with `--out`.
 
 import argparse
 import math
+import shlex
 import subprocess
 import sys
 import time
@@ -535,13 +536,17 @@ def _speed_ode(name, length):
     return row, fns, (y0,), (ys, ys_points), (reference, reference_points)
 
 
-def _speed_scan(name, length):
+def _speed_scan(name, length, scan_window=None):
     make, _, _ = SYSTEMS[name]
     step, init, xs = make(length)
     cell = lambda h, x: (step(h, x),) * 2
+    # The defaults pass no `window`; `--scan-window` tries one (e.g. "auto").
+    window = {} if scan_window is None else {"window": scan_window}
     scan_seq = jax.jit(lambda init, xs: jax.lax.scan(cell, init, xs)[1])
     scan_par = jax.jit(
-        lambda init, xs: partime.scan(cell, init, xs, return_stats=True, throw=False)
+        lambda init, xs: partime.scan(
+            cell, init, xs, return_stats=True, throw=False, **window
+        )
     )
     compile_start = time.perf_counter()
     reference = scan_seq(init, xs)
@@ -549,8 +554,11 @@ def _speed_scan(name, length):
     first_s = time.perf_counter() - compile_start
     row = {
         "problem": name,
-        "solver": "partime.scan(f, init, xs)",
+        "solver": "partime.scan(f, init, xs"
+        + ("" if scan_window is None else f", window={scan_window!r}")
+        + ")",
         "reference": "jax.lax.scan",
+        "scan_window": scan_window,
         "kind": SPEED_SCANS[name],
         "T": length,
         "reference_ok": _finite(reference),
@@ -590,12 +598,15 @@ def _goals(row):
     return goals
 
 
-def part_speed(problems, lengths, extra_lengths, repeats, budget_s):
+def part_speed(problems, lengths, extra_lengths, repeats, budget_s, scan_window):
     rows = []
     for name in problems:
         for length in lengths + extra_lengths.get(name, []):
-            build = _speed_scan if name in SPEED_SCANS else _speed_ode
-            row, fns, args, ys, reference = build(name, length)
+            if name in SPEED_SCANS:
+                built = _speed_scan(name, length, scan_window)
+            else:
+                built = _speed_ode(name, length)
+            row, fns, args, ys, reference = built
             if not row["reference_ok"]:
                 # The sequential solve itself fails (e.g. Tsit5 unstable at this
                 # step): there is no answer to check against, and nothing to time.
@@ -674,7 +685,7 @@ def speed_table(rows):
         }[r["status"]]
         body.append(
             [
-                r["problem"] + ("" if "t1" not in r else f" [0, {r['t1']:g}]"),
+                _label(r),
                 r["kind"],
                 _power(r["T"]),
                 f"{r['lyapunov_times_T']:+.1f}",
@@ -724,6 +735,15 @@ answer to check and are not timed; they say whether the defaults reported the
 failure too.
 
 """
+
+
+def _label(row):
+    """The problem, with its horizon or the scan's window."""
+    if "t1" in row:
+        return f"{row['problem']} [0, {row['t1']:g}]"
+    if row.get("scan_window") is not None:
+        return f"{row['problem']} (window={row['scan_window']!r})"
+    return row["problem"]
 
 
 def _power(n):
@@ -777,7 +797,7 @@ def _command(argv):
     partime tree it imported."""
     args = sys.argv[1:] if argv is None else argv
     source = Path(partime.__file__).parent.parent
-    return " ".join([f"PYTHONPATH={source} python benchmarks/convergence.py", *args])
+    return f"PYTHONPATH={source} python benchmarks/convergence.py {shlex.join(args)}"
 
 
 # Tables -----------------------------------------------------------------------------
@@ -889,6 +909,13 @@ def main(argv=None):
         default=10.0,
         help="seconds of timed calls per row of `--parts speed` (at least 3 rounds)",
     )
+    parser.add_argument(
+        "--scan-window",
+        type=lambda v: v if v == "auto" else int(v),
+        default=None,
+        help="`partime.scan(..., window=...)` for the RNN rows of `--parts speed` "
+        "(default: not passed, the defaults)",
+    )
     args = parser.parse_args(argv)
 
     methods = list(METHODS)
@@ -990,7 +1017,12 @@ def main(argv=None):
         # Lorenz-63 also at the issue's 2·10⁴ steps, unless `--lengths` is given.
         extra = {} if args.lengths or args.quick else {"lorenz": [LORENZ_GOAL_STEPS]}
         rows = part_speed(
-            speed_problems, speed_lengths, extra, args.repeats, args.budget
+            speed_problems,
+            speed_lengths,
+            extra,
+            args.repeats,
+            args.budget,
+            args.scan_window,
         )
         payload["speed"] = rows
         header, body = speed_table(rows)
