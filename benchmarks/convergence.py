@@ -415,19 +415,20 @@ SPEED_PROBLEMS = [*SPEED_SCANS, *SPEED_ODES]
 
 
 def _interleaved_medians(fns, args, repeats, budget_s):
-    """Median wall time of each of `fns(*args)`, calls interleaved so that a load
-    change on the shared CPU hits every function alike: `repeats` rounds, fewer (at
-    least 3) when they would take longer than `budget_s`. Returns the medians and the
+    """Median wall time of each of `fns(*args)` (compiled and called before), calls
+    interleaved so that a load change on the shared CPU hits every function alike:
+    `repeats` rounds, fewer when they would take longer than `budget_s` — at least 3,
+    or 1 when one round takes more than a third of it. Returns the medians and the
     rounds made."""
-    for fn in fns:
-        jax.block_until_ready(fn(*args))
     times = [[] for _ in fns]
     for i in range(repeats):
         for fn, out in zip(fns, times):
             start = time.perf_counter()
             jax.block_until_ready(fn(*args))
             out.append(time.perf_counter() - start)
-        if i >= 2 and sum(map(sum, times)) > budget_s:
+        total = sum(map(sum, times))
+        min_rounds = 1 if sum(t[0] for t in times) > budget_s / 3 else 3
+        if i + 1 >= min_rounds and total > budget_s:
             break
     return [float(np.median(t)) for t in times], len(times[0])
 
@@ -722,14 +723,16 @@ the steps: with one window, at most `T`).
 
 Timing: the CPU has 2 cores and was shared with 4 other engineers' jobs (load
 varies during the run): times are medians of interleaved calls (sequential,
-defaults, sequential, ...; up to `--repeats` rounds, at least 3, fewer past
-{budget:g} s per row), after a warm-up call. The ODE solves timed return the final
-state only (`SaveAt(t1=True)`: with `SaveAt(ts=...)` every sequential diffrax step
-looks for save points, 3–4× slower); the scans return every output. Read the
-speed-up (sequential time / defaults' time: above 1 the defaults are faster), not
-the absolute times; rows of a few milliseconds moved by up to 2× between runs under
-this load. On a CPU the parallel iteration does more work than the sequential loop:
-the speed-ups show the cost of the defaults here, not on an accelerator.
+defaults, sequential, ...; up to `--repeats` rounds, fewer past {budget:g} s per
+row: at least 3, or 1 where one round takes over a third of that; the JSON has the
+counts), after the calls that compiled and checked them. The ODE solves timed
+return the final state only (`SaveAt(t1=True)`: with `SaveAt(ts=...)` every
+sequential diffrax step looks for save points, 3–4× slower); the scans return every
+output. Read the speed-up (sequential time / defaults' time: above 1 the defaults
+are faster), not the absolute times; rows of a few milliseconds moved by up to 2×
+between runs under this load. On a CPU the parallel iteration does more work than
+the sequential loop: the speed-ups show the cost of the defaults here, not on an
+accelerator.
 
 Goals (issue 14): every row exact; no contracting or neutral row falls back; van der
 Pol over [0, 100] at 10⁴ steps converged (no fallback) in at most 10 iterations per
