@@ -606,7 +606,7 @@ def _goals(row):
 def part_speed(problems, lengths, extra_lengths, repeats, budget_s, scan_window):
     rows = []
     for name in problems:
-        for length in lengths + extra_lengths.get(name, []):
+        for length in sorted(lengths + extra_lengths.get(name, [])):
             if name in SPEED_SCANS:
                 built = _speed_scan(name, length, scan_window)
             else:
