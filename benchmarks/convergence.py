@@ -40,7 +40,7 @@ Five parts, each a table:
 Usage, from the repository root:
 
     python benchmarks/convergence.py           # everything; writes benchmarks/results/
-    python benchmarks/convergence.py --quick   # a smoke test: < 1 min
+    python benchmarks/convergence.py --quick   # a smoke test: 1-2 min (not run in CI)
     # issue 14's table (about 15 min on the shared CPU):
     python benchmarks/convergence.py --parts speed lorenz \\
         --out benchmarks/results/convergence-defaults-cpu.json
@@ -175,7 +175,12 @@ def lyapunov(step, init, xs):
 
 
 def solve(step, init, xs, method, guess=None):
-    fn = jax.jit(lambda i, x, g: partime.fixed_point_solve(step, i, x, method, guess=g))
+    # `throw=False`: a method that reaches its cap is a result here (`stats.result`).
+    fn = jax.jit(
+        lambda i, x, g: partime.fixed_point_solve(
+            step, i, x, method, guess=g, throw=False
+        )
+    )
     states, stats = fn(init, xs, guess)
     return jax.block_until_ready(states), stats
 
