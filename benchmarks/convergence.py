@@ -452,7 +452,7 @@ def _finite(tree):
     return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(tree))
 
 
-def _speed_ode(name, length):
+def _speed_ode(name, length, window=None):
     import diffrax
 
     field, y0, t1, parameter, kind = SPEED_ODES[name]
@@ -480,6 +480,9 @@ def _speed_ode(name, length):
 
         return solve
 
+    # `--window` tries one (e.g. "auto"); the defaults pass none.
+    extra = {} if window is None else {"window": window}
+
     def parallel(saveat):
         # The defaults: one window over the horizon, through the documented recipe
         # (`WindowController`, `dt0` the inner step); no method, no window set.
@@ -487,7 +490,7 @@ def _speed_ode(name, length):
         def solve(y0):
             sol = diffrax.diffeqsolve(
                 term,
-                partime.ParallelSolver(diffrax.Tsit5(), num_steps=length),
+                partime.ParallelSolver(diffrax.Tsit5(), num_steps=length, **extra),
                 0.0,
                 t1,
                 dt,
@@ -515,7 +518,10 @@ def _speed_ode(name, length):
     ys_points, points_result, _ = parallel(points)(y0)
     row = {
         "problem": name,
-        "solver": "ParallelSolver(Tsit5(), num_steps=T) + WindowController()",
+        "solver": "ParallelSolver(Tsit5(), num_steps=T"
+        + ("" if window is None else f", window={window!r}")
+        + ") + WindowController()",
+        "window": window,
         "reference": "diffrax.Tsit5, dt0=t1/T",
         "kind": kind,
         "T": length,
@@ -543,16 +549,16 @@ def _speed_ode(name, length):
     return row, fns, (y0,), (ys, ys_points), (reference, reference_points)
 
 
-def _speed_scan(name, length, scan_window=None):
+def _speed_scan(name, length, window=None):
     make, _, _ = SYSTEMS[name]
     step, init, xs = make(length)
     cell = lambda h, x: (step(h, x),) * 2
-    # The defaults pass no `window`; `--scan-window` tries one (e.g. "auto").
-    window = {} if scan_window is None else {"window": scan_window}
+    # The defaults pass no `window`; `--window` tries one (e.g. "auto").
+    extra = {} if window is None else {"window": window}
     scan_seq = jax.jit(lambda init, xs: jax.lax.scan(cell, init, xs)[1])
     scan_par = jax.jit(
         lambda init, xs: partime.scan(
-            cell, init, xs, return_stats=True, throw=False, **window
+            cell, init, xs, return_stats=True, throw=False, **extra
         )
     )
     compile_start = time.perf_counter()
@@ -562,10 +568,10 @@ def _speed_scan(name, length, scan_window=None):
     row = {
         "problem": name,
         "solver": "partime.scan(f, init, xs"
-        + ("" if scan_window is None else f", window={scan_window!r}")
+        + ("" if window is None else f", window={window!r}")
         + ")",
         "reference": "jax.lax.scan",
-        "scan_window": scan_window,
+        "window": window,
         "kind": SPEED_SCANS[name],
         "T": length,
         "reference_ok": _finite(reference),
@@ -608,14 +614,14 @@ def _goals(row):
     return goals
 
 
-def part_speed(problems, lengths, extra_lengths, repeats, budget_s, scan_window):
+def part_speed(problems, lengths, extra_lengths, repeats, budget_s, window):
     rows = []
     for name in problems:
         for length in sorted(lengths + extra_lengths.get(name, [])):
             if name in SPEED_SCANS:
-                built = _speed_scan(name, length, scan_window)
+                built = _speed_scan(name, length, window)
             else:
-                built = _speed_ode(name, length)
+                built = _speed_ode(name, length, window)
             row, fns, args, ys, reference = built
             if not row["reference_ok"]:
                 # The sequential solve itself fails (e.g. Tsit5 unstable at this
@@ -752,11 +758,12 @@ whether the defaults reported the failure too.
 
 def _label(row):
     """The problem, with its horizon or the scan's window."""
+    label = row["problem"]
     if "t1" in row:
-        return f"{row['problem']} [0, {row['t1']:g}]"
-    if row.get("scan_window") is not None:
-        return f"{row['problem']} (window={row['scan_window']!r})"
-    return row["problem"]
+        label += f" [0, {row['t1']:g}]"
+    if row.get("window") is not None:
+        label += f" (window={row['window']!r})"
+    return label
 
 
 def _power(n):
@@ -923,11 +930,11 @@ def main(argv=None):
         help="seconds of timed calls per row of `--parts speed` (at least 3 rounds)",
     )
     parser.add_argument(
-        "--scan-window",
+        "--window",
         type=lambda v: v if v == "auto" else int(v),
         default=None,
-        help="`partime.scan(..., window=...)` for the RNN rows of `--parts speed` "
-        "(default: not passed, the defaults)",
+        help="`window=...` of `partime.scan` and `partime.ParallelSolver` in the rows "
+        "of `--parts speed` (default: not passed, the defaults)",
     )
     args = parser.parse_args(argv)
 
@@ -1035,7 +1042,7 @@ def main(argv=None):
             extra,
             args.repeats,
             args.budget,
-            args.scan_window,
+            args.window,
         )
         payload["speed"] = rows
         header, body = speed_table(rows)
