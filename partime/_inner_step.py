@@ -269,8 +269,9 @@ def coarse_pass(step, y0_flat, t0, t1, counts, threshold):
     )
 
     def time(i, n):
-        # As `inner_grid(t0, t1, n)[i]`.
-        fraction = (i / n).astype(time_dtype)
+        # As `inner_grid(t0, t1, n)[i]`, bit for bit: the coarse pass's dense infos
+        # are read off on that grid.
+        fraction = i.astype(time_dtype) / n.astype(time_dtype)
         return jnp.where(i == n, t1, t0 + (t1 - t0) * fraction)
 
     def pass_over(level, infos):
