@@ -84,54 +84,6 @@ def _shift_back(a: Array) -> Array:
     return jnp.concatenate([a[1:], jnp.zeros_like(a[:1])])
 
 
-# Matrices up to this size are scanned by `_doubling_scan`, larger ones by
-# `jax.lax.associative_scan`: see `_scan`.
-_DOUBLING_MAX_SIZE = 8
-
-
-def _doubling_scan(combine, elems: tuple[Array, Array], reverse: bool) -> Array:
-    """The `b` part of the inclusive scan of `elems = (a, b)` under `combine`
-    (Hillis--Steele): after round `k`, element `t` holds the composition of elements
-    `t - 2^k + 1 .. t`. `ceil(log2 T)` rounds of one shape, in a `fori_loop`: the
-    program holds one copy of `combine`, where `jax.lax.associative_scan` unrolls
-    `2 log2 T` levels of different shapes (each its own kernels to compile). The
-    price is `O(T log T)` combines instead of `O(T)`."""
-    if reverse:
-        elems = jax.tree_util.tree_map(lambda x: jnp.flip(x, 0), elems)
-    length = elems[1].shape[0]
-    index = jnp.arange(length, dtype=jnp.int32)
-
-    def round_(k, elems):
-        shift = jnp.left_shift(jnp.int32(1), k)
-        earlier = jax.tree_util.tree_map(lambda x: jnp.roll(x, shift, axis=0), elems)
-        combined = combine(earlier, elems)
-        # The first `shift` elements are complete already (and have no predecessor
-        # that far back: what `roll` brought there is from the end).
-        return jax.tree_util.tree_map(
-            lambda new, old: jnp.where(
-                (index < shift).reshape((length,) + (1,) * (old.ndim - 1)), old, new
-            ),
-            combined,
-            elems,
-        )
-
-    rounds = (length - 1).bit_length()
-    _, x = jax.lax.fori_loop(0, rounds, round_, elems)
-    return jnp.flip(x, 0) if reverse else x
-
-
-def _scan(combine, elems: tuple[Array, Array], reverse: bool, size: int) -> Array:
-    """The `b` part of the inclusive scan of `elems = (a, b)` under `combine`, `a`
-    holding `size x size` matrices (`size = 1`: elementwise). Small matrices take
-    `_doubling_scan`: few kernels to compile, and its extra `log T` factor of
-    combines is small beside the `size` Jacobian-vector products per step that
-    formed them. Larger ones take the work-efficient `jax.lax.associative_scan`,
-    whose `O(size³)` combines would dominate."""
-    if size <= _DOUBLING_MAX_SIZE:
-        return _doubling_scan(combine, elems, reverse)
-    return jax.lax.associative_scan(combine, elems, reverse=reverse)[1]
-
-
 def _affine_scan(a: Array, b: Array, reverse: bool) -> Array:
     """`x_t = a_t x_{t-1} + b_t` by an associative scan of the affine maps `(a, b)`,
     composed as `(a2, b2) ∘ (a1, b1) = (a2 a1, a2 b1 + b2)`; `a` may carry batch axes
@@ -144,7 +96,8 @@ def _affine_scan(a: Array, b: Array, reverse: bool) -> Array:
         b_out = jnp.einsum("...ij,...j->...i", a2, b1, precision=_HIGHEST) + b2
         return a_out, b_out
 
-    return _scan(combine, (a, b), reverse, a.shape[-1])
+    _, x = jax.lax.associative_scan(combine, (a, b), reverse=reverse)
+    return x
 
 
 class DenseTransition(AbstractTransition):
@@ -205,7 +158,8 @@ class DiagonalTransition(AbstractTransition):
             a2, b2 = second
             return a2 * a1, a2 * b1 + b2
 
-        return _scan(combine, (a, b), reverse, 1)
+        _, x = jax.lax.associative_scan(combine, (a, b), reverse=reverse)
+        return x
 
     def as_dense(self):
         return jax.vmap(jnp.diag)(self.diagonals)

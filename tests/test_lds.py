@@ -39,21 +39,6 @@ def test_solve_matches_sequential(getkey, structure, scale, reverse):
     assert parallel.dtype == b.dtype
 
 
-@pytest.mark.parametrize("size", [3, 12], ids=["doubling", "blelloch"])
-@pytest.mark.parametrize("length", [1, 2, 37])
-@pytest.mark.parametrize("reverse", [False, True])
-def test_scan_lengths_and_sizes(getkey, size, length, reverse):
-    """Both scans (Hillis--Steele up to 8x8 transitions, `jax.lax.associative_scan`
-    above), over lengths that are not powers of two, equal the sequential solve."""
-    matrices = 0.9 * jr.normal(getkey(), (length, size, size)) / jnp.sqrt(size)
-    b = jr.normal(getkey(), (length, size))
-    transition = partime.DenseTransition(matrices)
-    parallel = transition.solve(b, reverse=reverse)
-    sequential = partime.sequential_solve(transition, b, reverse=reverse)
-    scale = jnp.max(jnp.abs(sequential))
-    assert jnp.max(jnp.abs(parallel - sequential)) <= 1e-12 * scale
-
-
 @pytest.mark.parametrize("structure", ["dense", "block", "diagonal", "identity"])
 def test_reverse_is_transpose(getkey, structure):
     """<L^{-1} b, c> == <b, L^{-T} c>: the reverse scan is the transpose."""
