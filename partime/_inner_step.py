@@ -172,20 +172,6 @@ def step_outputs(solver, make_terms, args, flattener) -> Callable:
     return erk_outputs
 
 
-def coarse_pass(inner_step, ravel, y0_flat, coarse_ts):
-    """The inner solver stepped sequentially over the few long steps `coarse_ts` (a
-    parareal-style predictor of a window): the long steps' dense infos.
-    `inner_step` takes the original terms (for an SDE, the Brownian motion over the
-    long steps); `ravel` flattens a state."""
-
-    def coarse_step(y_flat, x):
-        y1, _, info, _, _ = inner_step(y_flat, x)
-        return ravel(y1), info
-
-    _, infos = jax.lax.scan(coarse_step, y0_flat, (coarse_ts[:-1], coarse_ts[1:]))
-    return infos
-
-
 def coarse_guess(interpolation_cls, ravel, infos, ts, coarse_ts):
     """A first iterate for a window: the dense output of `coarse_pass` over the
     long steps `coarse_ts`, read off at the inner grid `ts`."""
@@ -209,12 +195,49 @@ def no_gradient(tree):
     )
 
 
-def perturbation_growth(step, y0_flat, t0, t1, counts, threshold):
-    """`log ‖J v‖` summed over a sequential pass of long steps, for a fixed unit
-    vector `v` renormalised after every step: the log-growth of a perturbation
-    over the window `[t0, t1]`, whose rate is the largest Lyapunov exponent along
-    the pass. `step(y_flat, (ta, tb))` is one long step; `counts` are the numbers
-    of equal steps of the grids to try, from coarse to fine.
+def step_with_info(solver, make_terms, args, flattener) -> Callable:
+    """One inner step and its dense info: `(y_{k-1}, x_k) -> (y_k, dense_info)`,
+    `y_k` as `flat_step` computes it. Explicit Runge--Kutta steps evaluate every
+    stage as straight-line code (as `step_outputs`); other solvers run diffrax's
+    `init` + `step`."""
+    ravel, unravel = flattener.ravel, flattener.unravel
+    if not _is_butcher_erk(solver):
+
+        def diffrax_step(y_flat, x):
+            ta, tb, increments = x
+            terms = make_terms(increments)
+            y = unravel(y_flat)
+            state = solver.init(terms, ta, tb, y, args)
+            y1, _, info, _, _ = solver.step(
+                terms, ta, tb, y, args, state, made_jump=False
+            )
+            return ravel(y1), info
+
+        return diffrax_step
+
+    tableau = solver.tableau
+    b_sol = np.asarray(tableau.b_sol)
+    num_stages = int(np.flatnonzero(b_sol)[-1]) + 1
+    stages = _erk_stages(solver, make_terms, args, flattener, len(tableau.c) + 1)
+
+    def erk_step(y_flat, x):
+        ks = stages(y_flat, x)
+        y1 = ravel(unravel(_combine(y_flat, b_sol.tolist(), ks[:num_stages])))
+        k = jax.vmap(unravel)(jnp.stack(ks))
+        return y1, dict(y0=unravel(y_flat), y1=unravel(y1), k=k)
+
+    return erk_step
+
+
+def coarse_pass(step, y0_flat, t0, t1, counts, threshold):
+    """The inner solver stepped sequentially over `counts[0]` long steps spanning
+    the window `[t0, t1]` (a parareal-style predictor of the window): their dense
+    infos; and along the way, the log-growth of a perturbation over the window,
+    `Σ log ‖J v‖` for a fixed unit vector `v` renormalised after every step, whose
+    rate is the largest Lyapunov exponent along the pass. `step(y_flat, (ta, tb))`
+    is one long step, returning `(y_flat, dense_info)` (`step_with_info`);
+    `counts` are the numbers of equal steps of the grids to try, from coarse to
+    fine. Returns `(infos, growth)`.
 
     A long step beyond the solver's stability region makes perturbations grow
     too (or overflow), as chaos does; unlike chaos, that growth changes when the
@@ -224,57 +247,76 @@ def perturbation_growth(step, y0_flat, t0, t1, counts, threshold):
     between grids, an unstable step's by more). The estimate is that of the first
     grid whose growth is at most `threshold`, or of the second of two consecutive
     grids that agree above it, or of the finest: one pass where the coarse one is
-    stable and shows no chaos. NaN if no pass is finite. One loop over the grids,
-    so that the program holds one copy of the step. No gradient flows through it.
+    stable and shows no chaos. NaN if no pass is finite. The dense infos are those
+    of the first (coarsest) pass. One loop over the grids, the prediction and the
+    perturbation in the same pass, so that the program holds one copy of the step.
+    No gradient flows through it.
     """
     y0_flat = jax.lax.stop_gradient(y0_flat)
     dtype = y0_flat.dtype
     t0, t1 = jnp.asarray(t0), jnp.asarray(t1)
     time_dtype = jnp.result_type(t0, t1)
+    num_coarse = counts[0]
     counts = jnp.asarray(counts, jnp.int32)
-    # A fixed direction (deterministic), unlikely to be orthogonal to the growing one.
-    v0 = jr.normal(jr.PRNGKey(0), y0_flat.shape, dtype)
-    v0 = v0 / jnp.linalg.norm(v0)
+    # A fixed direction (deterministic), unlikely to be orthogonal to the growing
+    # one; drawn at trace time: a constant of the program, not a random-number kernel.
+    with jax.ensure_compile_time_eval():
+        v0 = jr.normal(jr.PRNGKey(0), y0_flat.shape, dtype)
+        v0 = v0 / jnp.linalg.norm(v0)
+    info_shapes = jax.eval_shape(lambda y: step(y, (t0, t1))[1], y0_flat)
+    no_infos = jtu.tree_map(
+        lambda s: jnp.zeros((num_coarse, *s.shape), s.dtype), info_shapes
+    )
 
     def time(i, n):
-        # As `inner_grid(t0, t1, n)[i]`.
-        fraction = (i / n).astype(time_dtype)
+        # As `inner_grid(t0, t1, n)[i]`, bit for bit: the coarse pass's dense infos
+        # are read off on that grid.
+        fraction = i.astype(time_dtype) / n.astype(time_dtype)
         return jnp.where(i == n, t1, t0 + (t1 - t0) * fraction)
 
-    def growth_over(n):
+    def pass_over(level, infos):
+        n = counts[level]
+        # The dense infos are kept on the first pass only (elsewhere: dropped).
+        first = level == 0
+
         def body(i, carry):
-            y_flat, v, growth = carry
+            y_flat, v, growth, infos = carry
             x = (time(i, n), time(i + 1, n))
-            y1, v1 = jax.jvp(lambda y: step(y, x), (y_flat,), (v,))
+            (y1, info), (v1, _) = jax.jvp(lambda y: step(y, x), (y_flat,), (v,))
+            slot = jnp.where(first, i, num_coarse)
+            infos = jtu.tree_map(
+                lambda buffer, new: buffer.at[slot].set(new, mode="drop"), infos, info
+            )
             norm = jnp.linalg.norm(v1)
             v1 = v1 / jnp.where(norm > 0, norm, 1)
-            return y1, v1, growth + jnp.log(norm)
+            return y1, v1, growth + jnp.log(norm), infos
 
-        start = (y0_flat, v0, jnp.zeros((), dtype))
-        _, _, growth = jax.lax.fori_loop(0, n, body, start)
-        return jnp.where(jnp.isfinite(growth), growth, jnp.nan)
+        start = (y0_flat, v0, jnp.zeros((), dtype), infos)
+        _, _, growth, infos = jax.lax.fori_loop(0, n, body, start)
+        return jnp.where(jnp.isfinite(growth), growth, jnp.nan), infos
 
     def refine(carry):
-        level, previous, _, _ = carry
-        growth = growth_over(counts[level])
+        level, previous, _, _, infos = carry
+        growth, infos = pass_over(level, infos)
         high = ~(growth <= threshold)  # NaN included
         agree = jnp.abs(growth - previous) <= jnp.minimum(growth, previous) / 3
         confirmed = (growth > threshold) & (previous > threshold) & agree
         done = ~(high & ~confirmed) | (level == counts.shape[0] - 1)
-        return level + 1, growth, growth, done
+        return level + 1, growth, done, growth, infos
 
     nan = jnp.asarray(jnp.nan, dtype)
-    start = (jnp.asarray(0, jnp.int32), nan, nan, jnp.asarray(False))
-    _, _, growth, _ = jax.lax.while_loop(lambda c: ~c[3], refine, start)
-    return jax.lax.stop_gradient(growth)
+    start = (jnp.asarray(0, jnp.int32), nan, jnp.asarray(False), nan, no_infos)
+    _, _, _, growth, infos = jax.lax.while_loop(lambda c: ~c[2], refine, start)
+    return jax.lax.stop_gradient((infos, growth))
 
 
 def best_guess(flat_step, y0_flat, xs, candidates):
     """Of the constant guess `y0` and the `candidates`, the one whose largest
     residual over the window is smallest (non-finite ones never win; ties go to the
     earliest): a coarse step may be unstable where the inner step is not, and a stale
-    trajectory may fit worse than the constant. All are evaluated in one vectorised
-    pass, so that the program holds one copy of the step."""
+    trajectory may fit worse than the constant. One candidate after another, each
+    in one vectorised pass over the window: the program holds one copy of the step,
+    in the shapes of the iteration's own (whose compiled kernels it shares)."""
 
     flat_step, y0_flat, xs, candidates = no_gradient(
         (flat_step, y0_flat, xs, candidates)
@@ -289,4 +331,4 @@ def best_guess(flat_step, y0_flat, xs, candidates):
 
     constant = jnp.broadcast_to(y0_flat, (xs[0].shape[0],) + y0_flat.shape)
     guesses = jnp.stack([constant, *candidates])
-    return guesses[jnp.argmin(jax.vmap(max_residual)(guesses))]
+    return guesses[jnp.argmin(jax.lax.map(max_residual, guesses))]

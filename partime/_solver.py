@@ -28,8 +28,8 @@ from ._inner_step import (
     coarse_pass,
     flat_step as make_flat_step,
     no_gradient,
-    perturbation_growth,
     step_outputs,
+    step_with_info,
     with_bounded_scan,
     with_portable_lu,
 )
@@ -526,6 +526,10 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
         del made_jump
         _check_terms(terms)
         _check_root_finder_tolerances(self.solver)
+        return _window_step(self, terms, t0, t1, y0, args, solver_state)
+
+    def _window_step(self, terms, t0, t1, y0, args, solver_state):
+        """One window: see `step`."""
         flattener = Flattener(y0)
         ravel, unravel = flattener.ravel, flattener.unravel
         y0_flat = ravel(y0)
@@ -535,16 +539,6 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
             terms, solver.term_compatible_contr_kwargs, ts
         )
         xs = (ts[:-1], ts[1:], increments)
-
-        def make_inner_step(make_terms, args):
-            def inner_step(y_flat, x):
-                ta, tb, step_increments = x
-                step_terms = make_terms(step_increments)
-                y = unravel(y_flat)
-                state = solver.init(step_terms, ta, tb, y, args)
-                return solver.step(step_terms, ta, tb, y, args, state, made_jump=False)
-
-            return inner_step
 
         # Traced once here: every later use (first guess, the iteration, its
         # linearisation, the fallback, the derivative) replays this jaxpr instead of
@@ -562,33 +556,26 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
             # No gradient flows through a first guess or the chaos test: cut them
             # at the inputs, so that none of them is ever differentiated.
             coarse_terms, coarse_args, coarse_y0 = no_gradient((terms, args, y0_flat))
-            coarse_inner_step = make_inner_step(lambda _: coarse_terms, coarse_args)
-            num_coarse = self._num_coarse_steps
-            coarse_ts = no_gradient(inner_grid(t0, t1, num_coarse))
-            infos = coarse_pass(
-                lambda y, x: coarse_inner_step(y, (*x, ())),
-                ravel,
-                coarse_y0,
-                coarse_ts,
-            )
-            candidates.append(
-                lambda: coarse_guess(
-                    solver.interpolation_cls, ravel, infos, no_gradient(ts), coarse_ts
-                )
-            )
-            coarse_flat_step = make_flat_step(
+            coarse_step = step_with_info(
                 solver, lambda _: coarse_terms, coarse_args, flattener
             )
+            num_coarse = self._num_coarse_steps
+            coarse_ts = no_gradient(inner_grid(t0, t1, num_coarse))
             # Refined up to 16x where the coarse pass is unstable or looks chaotic.
             refined = {min(k * num_coarse, self.num_steps) for k in (2, 4, 8, 16)}
             refined = sorted(refined - {num_coarse})
-            growth = perturbation_growth(
-                lambda y, x: coarse_flat_step(y, (*x, ())),
+            infos, growth = coarse_pass(
+                lambda y, x: coarse_step(y, (*x, ())),
                 coarse_y0,
                 no_gradient(t0),
                 no_gradient(t1),
                 [num_coarse, *refined],
                 _CHAOTIC,
+            )
+            candidates.append(
+                lambda: coarse_guess(
+                    solver.interpolation_cls, ravel, infos, no_gradient(ts), coarse_ts
+                )
             )
         if self.guess is not None:
             candidates.append(lambda: jax.vmap(lambda t: ravel(self.guess(t)))(ts[1:]))
@@ -679,6 +666,13 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
 
     def func(self, terms, t0, y0, args):
         return self.solver.func(terms, t0, y0, args)
+
+
+# `diffeqsolve` traces a solver's `step` three times: twice for the shapes of its
+# outputs (`filter_eval_shape`), once for the loop. Under `jit`, the second and third
+# calls with the same inputs reuse the first one's trace: the whole window (the
+# user's vector field included) is traced once, not three times.
+_window_step = eqx.filter_jit(ParallelSolver._window_step)
 
 
 class _ImplicitParallelSolver(ParallelSolver):
