@@ -33,6 +33,9 @@ def _lu_factor(matrix):
     triangular below the diagonal of `lu`, `U` on and above it."""
     n = matrix.shape[0]
     index = jnp.arange(n)
+    if n == 0:
+        # An empty state: nothing to factorise (and no column `k` to index).
+        return matrix, index
 
     def body(k, carry):
         lu, perm = carry
@@ -51,6 +54,8 @@ def _lu_factor(matrix):
 def _triangular_solve(matrix, vector, *, lower: bool, unit_diagonal: bool):
     n = vector.shape[0]
     index = jnp.arange(n)
+    if n == 0:
+        return jnp.zeros_like(vector)
 
     def body(i, x):
         k = i if lower else n - 1 - i

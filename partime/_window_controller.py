@@ -45,13 +45,15 @@ def _window_end(start, inner_dt, t_end, num_steps: int):
     never costs a second window."""
     dtype = jnp.result_type(start, t_end)
     eps = jnp.finfo(dtype).eps
-    remaining = t_end - start
     reach = num_steps * inner_dt
+    # An infinite `t1` (with an event to stop the solve): full windows. Computed as a
+    # window ending at `start + reach`, so that no `inf - inf` reaches the gradient
+    # (with respect to `t0`) through the branch not taken.
+    t_end = jnp.where(jnp.isfinite(t_end), t_end, start + reach)
+    remaining = t_end - start
     slack = 100 * eps * (jnp.abs(start) + jnp.abs(t_end))
     windows = jnp.maximum(jnp.ceil((remaining - slack) / reach), 1)
-    end = jnp.where(windows <= 1, t_end, start + remaining / windows)
-    # An infinite `t1` (with an event to stop the solve): full windows.
-    return jnp.where(jnp.isfinite(t_end), end, start + reach).astype(dtype)
+    return jnp.where(windows <= 1, t_end, start + remaining / windows).astype(dtype)
 
 
 class WindowController(diffrax.AbstractStepSizeController[WindowState, Any]):

@@ -172,6 +172,18 @@ def test_solver_only_empty_state():
     _assert_tree_close(_parallel_solve(term, y0), _sequential_solve(term, y0))
 
 
+@pytest.mark.parametrize("solver", [diffrax.ImplicitEuler, diffrax.Kvaerno3])
+def test_solver_only_empty_state_implicit(solver):
+    # diffrax's `test_basic` draws empty leaves: the inner root finder's LU then
+    # factorises a 0 x 0 matrix.
+    solver = solver(root_finder=diffrax.VeryChord(rtol=1e-8, atol=1e-8))
+    term = diffrax.ODETerm(lambda t, y, args: -y)
+    y0 = jnp.zeros((2, 0))
+    _assert_tree_close(
+        _parallel_solve(term, y0, solver), _sequential_solve(term, y0, solver)
+    )
+
+
 def test_integer_counts():
     solver = partime.ParallelSolver(
         num_steps=np.int64(100), coarse_steps=np.int32(3), window=jnp.array(50)

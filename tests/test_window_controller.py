@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
+import optimistix as optx
 import pytest
 
 import partime
@@ -133,6 +134,44 @@ def test_constant_gradients():
     np.testing.assert_allclose(par_y0, seq_y0, rtol=1e-8, atol=1e-10)
     np.testing.assert_allclose(par_t1, seq_t1, rtol=1e-8, atol=1e-10)
     assert float(jnp.abs(seq_t1)) > 1e-3  # a real dependence on t1
+
+
+def test_infinite_t1_gradients():
+    """`t1=inf` with an event to stop the solve (diffrax's `test_event_vmap_t0`):
+    full windows, and gradients with respect to `t0` and `y0` finite and equal to
+    the sequential solve's on the same grid (the end of a window once took
+    `inf - inf` in its unused branch, and the gradient was NaN)."""
+    event = diffrax.Event(
+        lambda t, y, args, **kwargs: y[0] - 1.0,
+        optx.Newton(1e-10, 1e-10, optx.rms_norm),
+    )
+
+    def event_time(t0, y0, parallel):
+        if parallel:
+            solver = partime.ParallelSolver(diffrax.Tsit5(), num_steps=10)
+            controller = partime.WindowController()
+        else:
+            solver, controller = diffrax.Tsit5(), diffrax.ConstantStepSize()
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(_decay),
+            solver,
+            t0,
+            jnp.inf,
+            0.1,
+            y0,
+            args=_ARGS,
+            stepsize_controller=controller,
+            event=event,
+        )
+        return sol.ts[-1]
+
+    grad = jax.jit(jax.value_and_grad(event_time, argnums=(0, 1)), static_argnums=2)
+    t0, y0 = jnp.asarray(0.2), 4 * _Y0
+    (par, par_grads), (seq, seq_grads) = grad(t0, y0, True), grad(t0, y0, False)
+    assert 1.0 < float(seq) - 0.2 < 5.0  # the event is a few windows in
+    np.testing.assert_allclose(par, seq, rtol=1e-8, atol=1e-10)
+    for a, b in zip(par_grads, seq_grads):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8)
 
 
 def test_rejected_windows():
