@@ -87,14 +87,16 @@ def max_rel_error(x: Any, y: Any) -> float:
     return max(float(error) for error in rel_errors(x, y))
 
 
-def _git_commit() -> str | None:
+def git_commit(where: str | Path | None = None, form: str = "%h") -> str | None:
+    """The git commit of the tree holding `where` (default: these benchmarks), in
+    `git log`'s `--format`; `None` outside git."""
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
+            ["git", "log", "-1", f"--format={form}"],
             capture_output=True,
             text=True,
             check=True,
-            cwd=Path(__file__).parent,
+            cwd=Path(__file__).parent if where is None else where,
         )
     except (OSError, subprocess.CalledProcessError):
         return None
@@ -112,7 +114,7 @@ def environment() -> dict[str, Any]:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
             timespec="seconds"
         ),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "python": sys.version.split()[0],
         "jax": jax.__version__,
         "jaxlib": importlib.metadata.version("jaxlib"),

@@ -52,7 +52,6 @@ writes only with `--out`.
 import argparse
 import math
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -61,7 +60,14 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
-from _common import environment, markdown_table, max_rel_error, text_table, write_json
+from _common import (
+    environment,
+    git_commit,
+    markdown_table,
+    max_rel_error,
+    text_table,
+    write_json,
+)
 
 
 jax.config.update("jax_enable_x64", True)
@@ -799,17 +805,7 @@ def _goal_summary(rows):
 def _partime_source():
     """Where partime was imported from, and that tree's git commit."""
     path = Path(partime.__file__).parent
-    try:
-        commit = subprocess.run(
-            ["git", "log", "-1", "--format=%h %s"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=path,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
-    return {"path": str(path), "commit": commit}
+    return {"path": str(path), "commit": git_commit(path, "%h %s")}
 
 
 def _command(argv):

@@ -110,16 +110,8 @@ def flat_step(solver, make_terms, args, flattener) -> Callable:
     """
     ravel, unravel = flattener.ravel, flattener.unravel
     if not _is_butcher_erk(solver):
-
-        def diffrax_step(y_flat, x):
-            ta, tb, increments = x
-            terms = make_terms(increments)
-            y = unravel(y_flat)
-            state = solver.init(terms, ta, tb, y, args)
-            y1, *_ = solver.step(terms, ta, tb, y, args, state, made_jump=False)
-            return ravel(y1)
-
-        return diffrax_step
+        with_info = step_with_info(solver, make_terms, args, flattener)
+        return lambda y_flat, x: with_info(y_flat, x)[0]
 
     b_sol = np.asarray(solver.tableau.b_sol)
     num_stages = int(np.flatnonzero(b_sol)[-1]) + 1
