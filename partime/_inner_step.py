@@ -94,6 +94,21 @@ def _combine(y_flat, coefficients, ks):
     return y_flat + sum(terms_[1:], terms_[0]) if terms_ else y_flat
 
 
+def _diffrax_step(solver, make_terms, args, unravel) -> Callable:
+    """diffrax's `init` + `step` for one inner step `x_k = (t_{k-1}, t_k,
+    increments_k)` from a flat state: `(y_k, y_error, dense_info, solver_state,
+    result)`."""
+
+    def step(y_flat, x):
+        ta, tb, increments = x
+        terms = make_terms(increments)
+        y = unravel(y_flat)
+        state = solver.init(terms, ta, tb, y, args)
+        return solver.step(terms, ta, tb, y, args, state, made_jump=False)
+
+    return step
+
+
 def flat_step(solver, make_terms, args, flattener) -> Callable:
     """One inner step `(y_{k-1}, x_k) -> y_k` on flat states: the map whose iterates
     the fixed-point solve looks for. `x_k = (t_{k-1}, t_k, increments_k)`, and
@@ -134,16 +149,11 @@ def step_outputs(solver, make_terms, args, flattener) -> Callable:
     on a leading axis); other solvers run diffrax's `init` + `step`."""
     unravel = flattener.unravel
     if not _is_butcher_erk(solver):
+        step = _diffrax_step(solver, make_terms, args, unravel)
 
         def diffrax_outputs(y_flat, y1_flat, x):
             del y1_flat
-            ta, tb, increments = x
-            terms = make_terms(increments)
-            y = unravel(y_flat)
-            state = solver.init(terms, ta, tb, y, args)
-            _, y_error, info, _, result = solver.step(
-                terms, ta, tb, y, args, state, made_jump=False
-            )
+            _, y_error, info, _, result = step(y_flat, x)
             return y_error, info, result
 
         return diffrax_outputs
@@ -194,15 +204,10 @@ def step_with_info(solver, make_terms, args, flattener) -> Callable:
     `init` + `step`."""
     ravel, unravel = flattener.ravel, flattener.unravel
     if not _is_butcher_erk(solver):
+        step = _diffrax_step(solver, make_terms, args, unravel)
 
         def diffrax_step(y_flat, x):
-            ta, tb, increments = x
-            terms = make_terms(increments)
-            y = unravel(y_flat)
-            state = solver.init(terms, ta, tb, y, args)
-            y1, _, info, _, _ = solver.step(
-                terms, ta, tb, y, args, state, made_jump=False
-            )
+            y1, _, info, _, _ = step(y_flat, x)
             return ravel(y1), info
 
         return diffrax_step
