@@ -66,7 +66,7 @@ def test_small_damping_is_newton(getkey):
 
 
 def test_odd_lengths_and_one_step(getkey):
-    """`associative_scan` calls the combine on empty batches for some lengths."""
+    """Odd lengths at some level of the cyclic reduction, and a single step."""
     for length in (1, 2, 7):
         a = partime.DenseTransition(0.7 * jr.normal(getkey(), (length, D, D)))
         r = jr.normal(getkey(), (length, D))

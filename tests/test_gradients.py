@@ -70,10 +70,11 @@ def test_forward_mode(method):
     assert max_rel_error(jvp(_partime(method)), jvp(jax.lax.scan)) < 1e-8
 
 
-@pytest.mark.parametrize("method", matrix_free_methods[:3], ids=_name)
+@pytest.mark.parametrize("method", (*matrix_free_methods[:3], partime.ELK()), ids=_name)
 def test_second_order(method):
-    """Forward over reverse and reverse over reverse: the matrix-free solve is
-    differentiated again (through `jax.lax.custom_linear_solve`)."""
+    """Forward over reverse and reverse over reverse: the matrix-free solve (the
+    dense one for ELK) is differentiated again (through
+    `jax.lax.custom_linear_solve`)."""
     params, init, xs = _problem(jnp.float64, length=40, seed=1)
     grad = lambda fn: jax.grad(lambda i, p: _loss(fn, p, i, xs), argnums=(0, 1))
     tangents = (jnp.ones_like(init), jax.tree.map(jnp.ones_like, params))

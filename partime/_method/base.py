@@ -203,7 +203,7 @@ class AbstractDampedMethod(AbstractMethod):
     """A method whose iterations are damped Gauss–Newton (Levenberg–Marquardt) steps
     on the merit `½ Σ_t ‖r_t‖²`: each update solves
     `(LᵀL + λI) Δ = -Lᵀ r` — the smoothed mean of a linear-Gaussian state-space
-    model, by a parallel Kalman filter and smoother — and is accepted only if the merit
+    model, computed in `O(log T)` depth — and is accepted only if the merit
     decreases; `λ` adapts from the ratio of the achieved to the predicted decrease.
 
     Damped methods no longer fix at least one step per iteration (their converged

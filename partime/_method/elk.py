@@ -14,11 +14,15 @@ class ELK(AbstractDampedMethod):
     Each iteration minimises the Gauss–Newton model of the merit `½ Σ_t ‖r_t‖²` plus
     `½ λ Σ_t ‖Δ_t‖²`: the smoothed mean of a linear-Gaussian state-space model with
     dynamics `Δ_t = J_t Δ_{t-1} - r_t + noise` (full Jacobians `J_t`) and
-    pseudo-observations `Δ_t ≈ 0` of variance `1/λ`, computed by a parallel Kalman
-    filter and Rauch–Tung–Striebel smoother (two associative scans; one small `d × d`
-    LU per combine). A step is accepted only if the merit decreases; `λ` then shrinks
-    (by up to 3×), else it grows (2×, 4×, ...) and the step is retried — Nielsen's
-    trust-region update from the ratio of achieved to predicted decrease.
+    pseudo-observations `Δ_t ≈ 0` of variance `1/λ`. Its normal equations
+    `(LᵀL + λI) Δ = -Lᵀ r` are block tridiagonal; they are solved by block cyclic
+    reduction (`O(log T)` levels, `T` small `d × d` LUs in all), which gives the
+    same smoothed mean as a parallel Kalman filter and Rauch–Tung–Striebel smoother
+    in half its memory. The gradient solves the same transposed system as
+    [`partime.Newton`][]'s, with the same dense reverse scan. A step is accepted
+    only if the merit decreases; `λ` then shrinks (by up to 3×), else it grows (2×,
+    4×, ...) and the step is retried — Nielsen's trust-region update from the ratio
+    of achieved to predicted decrease.
 
     Compared with [`partime.Newton`][]: the merit never increases and values never
     blow up, where undamped Newton from a poor guess can overflow (a relaxation
@@ -75,11 +79,11 @@ class ELK(AbstractDampedMethod):
 class QuasiELK(AbstractDampedMethod):
     """Quasi-ELK: [`partime.ELK`][] with diagonal Jacobians `diag(∂f_t/∂s_{t-1})`.
 
-    Every matrix of the Kalman filter and smoother is then diagonal: the step is `d`
-    independent scalar smoothers, `O(T d)` memory and work per iteration, no linear
-    solves. Damped like [`partime.ELK`][] (Levenberg–Marquardt with an adaptive `λ`;
-    the predicted decrease is that of the diagonal model, so the trust region also
-    guards against the model being wrong).
+    Every matrix of the Kalman model is then diagonal: the step is `d` independent
+    scalar Kalman filters and smoothers (two associative scans), `O(T d)` memory and
+    work per iteration, no linear solves. Damped like [`partime.ELK`][]
+    (Levenberg–Marquardt with an adaptive `λ`; the predicted decrease is that of the
+    diagonal model, so the trust region also guards against the model being wrong).
 
     **Arguments:** `rtol`, `atol`, `max_iters` (default 200), `fallback`, `damping`
     (default `1e-3`); see [`partime.ELK`][]; and `jacobian`, `jacobian_batch_size`,
