@@ -103,6 +103,15 @@ def test_constant_windows(t0, t1, dt0, num_steps):
     np.testing.assert_allclose(ys, reference, rtol=1e-10, atol=1e-12)
 
 
+def _solver_and_controller(parallel: bool, num_steps: int):
+    """Tsit5 in windows of `num_steps`, or sequential Tsit5 on the same constant
+    grid: the two sides of the gradient tests."""
+    if parallel:
+        solver = partime.ParallelSolver(diffrax.Tsit5(), num_steps=num_steps)
+        return solver, partime.WindowController()
+    return diffrax.Tsit5(), diffrax.ConstantStepSize()
+
+
 def test_constant_gradients():
     """Gradients, also with respect to `t1` (the windows move with it), equal the
     sequential solve's on the same grid."""
@@ -110,11 +119,7 @@ def test_constant_gradients():
 
     def loss(y0, t1, parallel):
         dt0 = (t1 - t0) / (windows * num_steps)
-        if parallel:
-            solver = partime.ParallelSolver(diffrax.Tsit5(), num_steps=num_steps)
-            controller = partime.WindowController()
-        else:
-            solver, controller = diffrax.Tsit5(), diffrax.ConstantStepSize()
+        solver, controller = _solver_and_controller(parallel, num_steps)
         sol = diffrax.diffeqsolve(
             diffrax.ODETerm(_decay),
             solver,
@@ -147,11 +152,7 @@ def test_infinite_t1_gradients():
     )
 
     def event_time(t0, y0, parallel):
-        if parallel:
-            solver = partime.ParallelSolver(diffrax.Tsit5(), num_steps=10)
-            controller = partime.WindowController()
-        else:
-            solver, controller = diffrax.Tsit5(), diffrax.ConstantStepSize()
+        solver, controller = _solver_and_controller(parallel, 10)
         sol = diffrax.diffeqsolve(
             diffrax.ODETerm(_decay),
             solver,
