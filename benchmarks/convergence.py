@@ -736,13 +736,16 @@ error against sequential relative to the largest magnitude, at `t1` and at 101
 points of the inner grid (every `T/100`-th step; every step for the RNNs); `exact`
 means a successful solve within {rtol:g}, anything else is flagged **WRONG**. `λ·T`: the
 solver's own estimate of the log-amplification over the horizon
-(`ParallelSolverState.lyapunov · t1`, `Stats.lyapunov · T`). `iterations`: parallel
+(`ParallelSolverState.lyapunov · t1`, `Stats.lyapunov · T`; NaN for a scan that
+fell back before 8 steps converged). `iterations`: parallel
 iterations in total (the depth). `width`: the steps solved together
 (`ParallelSolverState.window`, `Stats.window`): `T` for one window over the
 horizon; for the automatic window, the width it narrowed to, after which it works
 as a sliding window of `width` steps. `iterations per window`: `iterations / (T /
 width)`, the iterations spent per `width` steps moved through (all of them when
-`width = T`). `fallback steps`: steps computed by the exact sequential fallback
+`width = T`; where the fallback computed some steps, the window moved through
+fewer than `T` in parallel, and the column understates it). `fallback steps`:
+steps computed by the exact sequential fallback
 (`ParallelSolverState.num_sequential_steps`, `Stats.num_sequential_steps`).
 
 Timing: the CPU has 2 cores and was shared with 4 other engineers' jobs (load
