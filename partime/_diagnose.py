@@ -33,8 +33,10 @@ class Diagnosis(eqx.Module):
     - `unit`: `"step"` for a recurrence, `"unit time"` for a differential equation.
     - `horizon`: `T`, in that unit: the number of steps, or `t1 - t0`.
     - `growth`: `λ·T`, the log-amplification of a perturbation over the horizon.
-    - `num_steps`: the steps solved together (the recurrence's length, or the inner
+    - `num_steps`: the steps of the solve (the recurrence's length, or the inner
         steps of the one window).
+    - `window`: the steps solved together: the width the automatic window
+        (`window="auto"`) ended at, `num_steps` if it never narrowed.
     - `num_iterations`: the parallel iterations spent.
     - `fell_back`: whether the exact sequential fallback computed any step.
     - `kind`: `"predictable"` (`λ·T < -1`), `"neutral"` (up to `8`), `"chaotic"`
@@ -47,19 +49,22 @@ class Diagnosis(eqx.Module):
     horizon: float
     growth: float
     num_steps: int
+    window: int
     num_iterations: int
     fell_back: bool
     kind: str
     recommendation: str
 
     def __str__(self) -> str:
+        narrowed = self.window < self.num_steps
         return "\n".join(
             [
                 f"partime.diagnose: {self.kind}",
                 f"  largest Lyapunov exponent λ ≈ {self.lyapunov:+.3g} per {self.unit}",
                 f"  λ·T ≈ {self.growth:+.3g} over T = {self.horizon:g}",
-                f"  {self.num_steps} steps in one solve: {self.num_iterations} "
-                "parallel iterations"
+                f"  {self.num_steps} steps in one solve"
+                + (f" (automatic window: {self.window} steps)" if narrowed else "")
+                + f": {self.num_iterations} parallel iterations"
                 + (", then the sequential fallback" if self.fell_back else ""),
                 f"  recommendation: {self.recommendation}",
             ]
@@ -67,46 +72,97 @@ class Diagnosis(eqx.Module):
 
 
 def _classify(
-    growth: float, num_steps: int, num_iterations: int, fell_back: bool, unit: str
+    growth: float,
+    num_steps: int,
+    window: int,
+    num_iterations: int,
+    fell_back: bool,
+    unit: str,
 ) -> tuple[str, str]:
     if not math.isfinite(growth):
         return "unknown", (
-            "no finite estimate of λ (the solve or its coarse pass overflowed): "
-            "check the problem sequentially first."
+            "no finite estimate of λ (the solve or its coarse pass overflowed, or "
+            "too few steps converged to tell): check the problem sequentially first."
         )
     if growth > _CHAOTIC:
         # Windows over which a perturbation grows about e-fold.
-        window = max(1, math.floor(num_steps / growth))
+        size = max(1, math.floor(num_steps / growth))
         return "chaotic", (
             "sequential: perturbations grow about e^"
             f"{growth:.0f}-fold over the horizon, so no parallel iteration can pay "
             "(ParallelSolver already hands such windows to its sequential "
             "fallback; for a scan use jax.lax.scan). Parallel iterations converge "
-            f"again over windows of about {window} {unit}s (λ·window ≈ 1)."
+            f"again over windows of about {size} {unit}s (λ·window ≈ 1)."
         )
-    if growth < _CONTRACTING and not fell_back:
-        return "predictable", (
+    if fell_back and window < num_steps:
+        return "neutral", (
+            f"the iteration gave up even in windows of {window} {unit}s (the "
+            "automatic window's): start from a better guess (the previous "
+            "trajectory), or solve sequentially."
+        )
+    if fell_back:
+        size = max(1, num_steps // 10)
+        return "neutral", (
+            "the iteration gave up over the whole horizon: solve in windows of "
+            f"about {size} {unit}s (e.g. `window=` or a shorter `dt0`), or start "
+            "from a better guess (the previous trajectory)."
+        )
+    kind = "predictable" if growth < _CONTRACTING else "neutral"
+    if window < num_steps:
+        return kind, (
+            f"the automatic window: over the whole horizon at once the iteration "
+            f"would not converge; narrowed to {window} {unit}s, it converged in "
+            f"{num_iterations} iterations. Pass `window='auto'` (or a sliding "
+            f"`window={window}`)."
+        )
+    if kind == "predictable":
+        return kind, (
             f"one window: the parallel iteration converged in {num_iterations} "
             "iterations, and on contracting dynamics the count barely grows with "
             "the length."
         )
-    if not fell_back:
-        return "neutral", (
-            f"one window converged in {num_iterations} iterations; on neutral "
-            "dynamics (oscillators) the count grows with the periods spanned: "
-            "over longer horizons, use windows of about this length."
-        )
-    window = max(1, num_steps // 10)
-    return "neutral", (
-        "the iteration gave up over the whole horizon: solve in windows of about "
-        f"{window} {unit}s (e.g. `window=` or a shorter `dt0`), or start from a "
-        "better guess (the previous trajectory)."
+    return kind, (
+        f"one window converged in {num_iterations} iterations; on neutral "
+        "dynamics (oscillators) the count grows with the periods spanned: "
+        "over longer horizons, use windows of about this length (or "
+        "`window='auto'`)."
+    )
+
+
+def _diagnosis(
+    lyapunov: float,
+    unit: str,
+    horizon: float,
+    num_steps: int,
+    window: int,
+    num_iterations: int,
+    fell_back: bool,
+    step_unit: str,
+) -> Diagnosis:
+    """The `Diagnosis` of a solve's statistics: classified, with a recommendation."""
+    growth = lyapunov * horizon
+    kind, text = _classify(
+        growth, num_steps, window, num_iterations, fell_back, step_unit
+    )
+    return Diagnosis(
+        lyapunov=lyapunov,
+        unit=unit,
+        horizon=horizon,
+        growth=growth,
+        num_steps=num_steps,
+        window=window,
+        num_iterations=num_iterations,
+        fell_back=fell_back,
+        kind=kind,
+        recommendation=text,
     )
 
 
 def _scan_diagnosis(f, init, xs, length, method) -> Diagnosis:
     kwargs = {} if method is None else dict(method=method)
-    carry, _, stats = scan(f, init, xs, length=length, return_stats=True, **kwargs)
+    carry, _, stats = scan(
+        f, init, xs, length=length, window="auto", return_stats=True, **kwargs
+    )
     del carry
     # The exact tangent dynamics along the solution (converged or completed by the
     # fallback): the step Jacobians at the states, their product's growth.
@@ -135,29 +191,23 @@ def _scan_diagnosis(f, init, xs, length, method) -> Diagnosis:
         jacobians = jax.vmap(jax.jacfwd(step))(prev, xs_steps)
         return DenseTransition(jacobians).log_growth()
 
-    growth = float(growth_along(init_flat, xs_steps))
     num_steps = stats.length
-    lyapunov = growth / num_steps
-    fell_back = bool(stats.fell_back)
-    iterations = int(stats.num_iterations)
-    kind, text = _classify(growth, num_steps, iterations, fell_back, "step")
-    return Diagnosis(
-        lyapunov=lyapunov,
+    return _diagnosis(
+        lyapunov=float(growth_along(init_flat, xs_steps)) / num_steps,
         unit="step",
         horizon=float(num_steps),
-        growth=growth,
         num_steps=num_steps,
-        num_iterations=iterations,
-        fell_back=fell_back,
-        kind=kind,
-        recommendation=text,
+        window=int(stats.window),
+        num_iterations=int(stats.num_iterations),
+        fell_back=bool(stats.fell_back),
+        step_unit="step",
     )
 
 
 def _diffrax_diagnosis(terms, t0, t1, y0, args, solver, dt0, method) -> Diagnosis:
     horizon = float(t1) - float(t0)
     num_steps = max(1, math.ceil(horizon / float(dt0)))
-    parallel = ParallelSolver(solver, num_steps=num_steps, method=method)
+    parallel = ParallelSolver(solver, num_steps=num_steps, method=method, window="auto")
 
     @jax.jit
     def solve(y0, args):
@@ -176,21 +226,15 @@ def _diffrax_diagnosis(terms, t0, t1, y0, args, solver, dt0, method) -> Diagnosi
         ).solver_state
 
     state = solve(y0, args)
-    lyapunov = float(state.lyapunov)
-    growth = lyapunov * horizon
-    fell_back = bool(state.num_fallbacks)
-    iterations = int(state.num_iterations)
-    kind, text = _classify(growth, num_steps, iterations, fell_back, "inner step")
-    return Diagnosis(
-        lyapunov=lyapunov,
+    return _diagnosis(
+        lyapunov=float(state.lyapunov),
         unit="unit time",
         horizon=horizon,
-        growth=growth,
         num_steps=num_steps,
-        num_iterations=iterations,
-        fell_back=fell_back,
-        kind=kind,
-        recommendation=text,
+        window=int(state.window),
+        num_iterations=int(state.num_iterations),
+        fell_back=bool(state.num_fallbacks),
+        step_unit="inner step",
     )
 
 
@@ -210,19 +254,23 @@ def diagnose(
 
     - `partime.diagnose(f, init, xs, length=None, method=None)`: a recurrence in
         `jax.lax.scan` form (`f(carry, x) -> (carry, y)`). It is solved by
-        [`partime.scan`][], and `λ` is estimated along the exact solution from the
-        step Jacobians: `λ = log ‖J_T ⋯ J_1‖ / T` per step (dense Jacobians:
-        `T d²` numbers).
+        [`partime.scan`][] with the automatic window, and `λ` is estimated along
+        the exact solution from the step Jacobians: `λ = log ‖J_T ⋯ J_1‖ / T` per
+        step (dense Jacobians: `T d²` numbers).
     - `partime.diagnose(terms, t0, t1, y0, args=None, solver=diffrax.Tsit5(),
         dt0=..., method=None)`: a differential equation, solved as one window of
         `ceil((t1 - t0) / dt0)` steps of `solver` (your sequential step size) by
-        [`partime.ParallelSolver`][]; `λ` per unit time is the growth of a
-        perturbation along its coarse pass (`ParallelSolverState.lyapunov`).
+        [`partime.ParallelSolver`][] with the automatic window; `λ` per unit time
+        is the growth of a perturbation along its coarse pass
+        (`ParallelSolverState.lyapunov`).
 
     **Returns:** a [`partime.Diagnosis`][]: the estimate `λ`, the growth `λ·T` over
-    the horizon, the iterations spent, whether the sequential fallback ran, and a
-    recommendation (print it). The kinds follow Gonzalez et al. (2025,
-    "Predictability Enables Parallelization of Nonlinear State Space Models"):
+    the horizon, the iterations spent, the window the automatic window chose (the
+    whole horizon where the iteration converges on it; narrower where it would
+    give up: `window="auto"`, or a sliding window of that width, then pays),
+    whether the sequential fallback ran, and a recommendation (print it). The kinds
+    follow Gonzalez et al. (2025, "Predictability Enables Parallelization of
+    Nonlinear State Space Models"):
 
     - `λ·T < -1` — *predictable* (contracting): one window; the iterations barely
         grow with the length.

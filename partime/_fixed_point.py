@@ -359,6 +359,7 @@ def fixed_point_solve(
         length=length,
         result=RESULTS.successful,
         lyapunov=jnp.zeros((), init.dtype),
+        window=zero,
     )
     stats = eqx.combine(dynamic_stats, skeleton)
     if throw:

@@ -14,7 +14,7 @@ import abc
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import Array, Bool, Float
 
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -54,12 +54,17 @@ class AbstractTransition(eqx.Module):
         """The elementwise complex conjugate (the identity on real transitions)."""
         return jax.tree_util.tree_map(jnp.conj, self)
 
-    def log_growth(self) -> Float[Array, ""]:
+    def log_growth(self, mask: Bool[Array, " T"] | None = None) -> Float[Array, ""]:
         """`log ‖A_T ⋯ A_1‖` (the largest entry in magnitude), without overflow: the
         product is formed as a tree of pairwise products, each rescaled to largest
         entry 1 and the logarithms of the scales summed. `O(T d³)` work,
-        `O(log T)` depth. `-inf` if the product is zero."""
-        return _log_norm_product(self.as_dense())
+        `O(log T)` depth. `-inf` if the product is zero. `mask`: the product of the
+        `A_t` where it is true only (the others taken as the identity)."""
+        matrices = self.as_dense()
+        if mask is not None:
+            eye = jnp.eye(matrices.shape[-1], dtype=matrices.dtype)
+            matrices = jnp.where(mask[:, None, None], matrices, eye)
+        return _log_norm_product(matrices)
 
 
 def _log_norm_product(matrices: Float[Array, "T d d"]) -> Float[Array, ""]:
@@ -171,8 +176,11 @@ class DiagonalTransition(AbstractTransition):
     def as_dense(self):
         return jax.vmap(jnp.diag)(self.diagonals)
 
-    def log_growth(self):
-        return jnp.max(jnp.sum(jnp.log(jnp.abs(self.diagonals)), axis=0))
+    def log_growth(self, mask=None):
+        logs = jnp.log(jnp.abs(self.diagonals))
+        if mask is not None:
+            logs = jnp.where(mask[:, None], logs, 0)
+        return jnp.max(jnp.sum(logs, axis=0))
 
 
 class BlockDiagonalTransition(AbstractTransition):
@@ -249,7 +257,7 @@ class IdentityTransition(AbstractTransition):
             jnp.eye(self.size, dtype=self.dtype), (self.length, self.size, self.size)
         )
 
-    def log_growth(self):
+    def log_growth(self, mask=None):
         return jnp.zeros((), self.dtype)
 
 
@@ -276,8 +284,10 @@ class ZeroTransition(AbstractTransition):
     def as_dense(self):
         return jnp.zeros((self.length, self.size, self.size), self.dtype)
 
-    def log_growth(self):
-        return jnp.asarray(-jnp.inf, self.dtype)
+    def log_growth(self, mask=None):
+        # The empty product (nothing masked in) is the identity.
+        empty = jnp.asarray(False) if mask is None else ~jnp.any(mask)
+        return jnp.where(empty, 0, -jnp.inf).astype(self.dtype)
 
 
 def sequential_solve(

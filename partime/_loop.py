@@ -31,6 +31,11 @@ from ._stats import count, RESULTS, Stats
 # times in a row (at least 2), so that a larger `max_iters` also means more patience.
 _PATIENCE = 0.1
 
+# `Stats.lyapunov` of an iteration that did not converge needs at least this many
+# converged steps: over fewer, their growth is a transient (on an RNN of gain 1.5
+# that contracts at -0.35 per step, +0.27 over its first step from rest).
+_LYAPUNOV_STEPS = 8
+
 
 def within(x: Array, tol: Array) -> Bool[Array, " T"]:
     """Per step: every component of `|x_t| <= tol_t`. NaN compares False: not within."""
@@ -76,6 +81,10 @@ class AbstractSchedule(eqx.Module):
     @abc.abstractmethod
     def finish(self, state: PyTree, states: Array) -> Array:
         """Every step's state, given the last iterate in flight."""
+
+    @abc.abstractmethod
+    def width(self, state: PyTree) -> Int[Array, ""]:
+        """How many steps are solved together (`Stats.window`)."""
 
     # Whether the schedule answers a hopeless iteration by narrowing the steps it
     # iterates on (static): then `limit` and `narrow` below are used.
@@ -123,6 +132,9 @@ class WholeSchedule(AbstractSchedule):
     def finish(self, state, states):
         return states
 
+    def width(self, state):
+        return jnp.asarray(self.length, jnp.int32)
+
 
 class _Carry(eqx.Module):
     iteration: Int[Array, ""]
@@ -131,6 +143,9 @@ class _Carry(eqx.Module):
     residual: Float[Array, "T d"]
     merit: Float[Array, ""]
     prefix: Int[Array, ""]
+    # The converged prefix of the iterate at which `transition` was linearised: the
+    # transitions over it are the exact trajectory's (`Stats.lyapunov`).
+    linearised_prefix: Int[Array, ""]
     # The leading steps in flight whose residual and last update are within
     # tolerance: final.
     settled: Int[Array, ""]
@@ -331,6 +346,7 @@ def iterate(
             residual=residual,
             merit=merit,
             prefix=prefix,
+            linearised_prefix=jnp.where(goes_on, prefix, carry.linearised_prefix),
             settled=settled,
             schedule=sched,
             advances=carry.advances + (shift > 0).astype(jnp.int32),
@@ -366,6 +382,7 @@ def iterate(
         residual=residual,
         merit=merit,
         prefix=prefix,
+        linearised_prefix=prefix,
         # At least one iteration: a step is settled after a small update.
         settled=count(0),
         schedule=sched,
@@ -419,10 +436,20 @@ def iterate(
     states = layout.complete(step, init, xs, states, start)
     result = RESULTS.where(init_finite, result, RESULTS.nonfinite_input)
     # The growth of the products of the step Jacobians at the last linearised
-    # iterate: an estimate of the largest Lyapunov exponent along it, per step.
+    # iterate: an estimate of the largest Lyapunov exponent, per step. Converged:
+    # along all of it. Otherwise along its converged prefix only, where it is the
+    # exact trajectory (past it, an iterate that was given up on can read +0.01 per
+    # step where the trajectory contracts at -0.35); NaN if that is too short.
     if method.transitions_are_jacobians:
-        growth = layout.total(carry.transition.log_growth())
-        lyapunov = jnp.where(give_up, jnp.nan, growth / layout.length)
+        done = converged(carry)
+        used = jnp.where(done, layout.length, carry.linearised_prefix)
+        growth = layout.total(carry.transition.log_growth(index < used))
+        enough = done | (used >= _LYAPUNOV_STEPS)
+        lyapunov = jnp.where(
+            ~give_up & enough,
+            growth / jnp.maximum(used, 1).astype(growth.dtype),
+            jnp.nan,
+        )
     else:
         lyapunov = jnp.asarray(jnp.nan, dtype)
     stats = Stats(
@@ -433,5 +460,6 @@ def iterate(
         length=total,
         result=result,
         lyapunov=lyapunov.astype(dtype),
+        window=schedule.width(carry.schedule),
     )
     return states, stats

@@ -126,6 +126,7 @@ def scan(
                 length=0,
                 result=RESULTS.successful,
                 lyapunov=jnp.asarray(jnp.nan, init_flat.dtype),
+                window=count(0),
             )
             return init, ys, stats
         return init, ys

@@ -52,6 +52,14 @@ class ParallelSolverState(eqx.Module):
     - `num_fallbacks`: number of accepted windows whose fixed-point iteration did not
         converge within its cap and was finished by the exact sequential fallback
         (including windows given to it at once as chaotic).
+    - `num_sequential_steps`: the inner steps that fallback computed, over all
+        accepted windows (each window's from its converged prefix on).
+    - `window`: the fewest inner steps solved together in an accepted window
+        ([`partime.Stats`][]`.window`): `num_steps` for the whole window, `W` for a
+        sliding window, and for the automatic window the width it ended at — it
+        then works as a sliding window of that many inner steps. The narrowest over
+        the windows, as the width that worked everywhere: `num_steps` before the
+        first window.
     - `lyapunov`: an estimate of the largest Lyapunov exponent per unit time, over
         the last accepted window: from the growth of a perturbation carried along
         the coarse pass, or without one (`coarse_steps=0`) from the step Jacobians
@@ -63,6 +71,8 @@ class ParallelSolverState(eqx.Module):
     num_iterations: Int[Array, ""]
     num_fallbacks: Int[Array, ""]
     lyapunov: Float[Array, ""]
+    num_sequential_steps: Int[Array, ""]
+    window: Int[Array, ""]
 
 
 def _is_count(value: Any, minimum: int) -> bool:
@@ -324,10 +334,13 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
         fixed step size these end the solve (an error, or `sol.result` with
         `throw=False`).
     - With `SaveAt(..., solver_state=True)`, `sol.solver_state` is a
-        `ParallelSolverState` with `num_iterations` (total fixed-point iterations)
-        and `num_fallbacks` (windows that fell back to sequential stepping), summed
-        over accepted windows, and `lyapunov`, an estimate of the largest Lyapunov
-        exponent per unit time over the last window.
+        `ParallelSolverState` with `num_iterations` (total fixed-point
+        iterations), `num_fallbacks` (windows that fell back to sequential
+        stepping) and `num_sequential_steps` (the inner steps the fallback
+        computed), summed over accepted windows; `window`, the fewest inner steps
+        solved together (for the automatic window, the width it chose); and
+        `lyapunov`, an estimate of the largest Lyapunov exponent per unit time over
+        the last window.
 
     **Gradients.** Each window is differentiated implicitly (one parallel linear solve
     at the converged solution, never by unrolling the iterations), so the backward
@@ -517,7 +530,11 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
         zero = jnp.array(0, dtype=jnp.int32)
         nan = jnp.asarray(jnp.nan, Flattener(y0).dtype)
         return ParallelSolverState(
-            num_iterations=zero, num_fallbacks=zero, lyapunov=nan
+            num_iterations=zero,
+            num_fallbacks=zero,
+            lyapunov=nan,
+            num_sequential_steps=zero,
+            window=jnp.array(self.num_steps, dtype=jnp.int32),
         )
 
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
@@ -661,6 +678,9 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
             num_fallbacks=solver_state.num_fallbacks
             + stats.fell_back.astype(jnp.int32),
             lyapunov=lyapunov,
+            num_sequential_steps=solver_state.num_sequential_steps
+            + stats.num_sequential_steps.astype(jnp.int32),
+            window=jnp.minimum(solver_state.window, stats.window.astype(jnp.int32)),
         )
         return y1, y_error, dict(infos=dense_infos), new_state, result
 

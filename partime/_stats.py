@@ -46,17 +46,28 @@ class Stats(eqx.Module):
     - `length`: the sequence length `T`.
     - `result`: a `partime.RESULTS` member (optimistix's result codes).
     - `lyapunov`: an estimate of the largest Lyapunov exponent `λ` of the recurrence,
-        per step, along the last iterate at which the method linearised:
-        `log ‖J_n ⋯ J_1‖ / n` for the step Jacobians `J_t` of the `n` steps in flight
-        (on a mesh, the devices' chunks' growths summed; for blocks, their mean).
-        `λ < 0`: errors die out (contracting, predictable, parallel iterations
-        converge fast); `λ ≈ 0`: neutral (oscillators: iterations grow with the
-        periods spanned); `λ·T` more than a few units: chaotic, the iteration cannot
-        pay. A finite-horizon estimate along an iterate that may not have converged:
-        its sign and order of magnitude are what to read. NaN when the method's
-        transitions are not Jacobians (`QuasiNewton`, `QuasiELK`, `Picard`,
-        `Jacobi`) or when no linearisation was made (the iteration was given up
-        beforehand); `-inf` for a product that is exactly zero.
+        per step, from the step Jacobians `J_t` at the last iterate at which the
+        method linearised: `log ‖J_n ⋯ J_1‖ / n` over the `n` steps in flight if the
+        iteration converged; otherwise over the `n` leading steps that had
+        converged in that iterate only, where it is the exact trajectory (the
+        steps past them, which the fallback then computed, are not counted). On a
+        mesh the devices' chunks' growths are summed; for blocks, the mean over
+        the blocks that have an estimate; for the sliding window, along its last
+        position. `λ < 0`: errors die out (contracting, predictable, parallel
+        iterations converge fast); `λ ≈ 0`: neutral (oscillators: iterations grow
+        with the periods spanned); `λ·T` more than a few units: chaotic, the
+        iteration cannot pay. A finite-horizon estimate: its sign and order of
+        magnitude are what to read. NaN when the method's transitions are not
+        Jacobians (`QuasiNewton`, `QuasiELK`, `Picard`, `Jacobi`), when no
+        linearisation was made (the iteration was given up beforehand) and when
+        fewer than 8 steps had converged (over so few, the growth is a transient);
+        `-inf` for a product that is exactly zero.
+    - `window`: how many steps were solved together: `T` for the whole sequence
+        (and on a mesh), `W` for blocks and the sliding window, and for the
+        automatic window (`window="auto"`) its final width — the steps past the
+        converged prefix over which it trusted updates at the end, as a sliding
+        window of that many steps; `T` if it never narrowed. (Steps computed by
+        the fallback are counted in `num_sequential_steps`.)
     """
 
     num_iterations: Int[Array, ""]
@@ -66,6 +77,7 @@ class Stats(eqx.Module):
     length: int = eqx.field(static=True)
     result: RESULTS
     lyapunov: Float[Array, ""]
+    window: Int[Array, ""]
 
     @property
     def fell_back(self) -> Bool[Array, ""]:
@@ -83,6 +95,7 @@ class Stats(eqx.Module):
         items.append(f"fallback_start={show(self.fallback_start)}")
         items.append(f"length={self.length}")
         items.append(f"lyapunov={show(self.lyapunov)}")
+        items.append(f"window={show(self.window)}")
         result = self.result
         if isinstance(result._value, jax.core.Tracer) or jnp.ndim(result._value):
             items.append(f"result={result!r}")

@@ -134,7 +134,7 @@ class Blocks(_AbstractWindowed):
         num_blocks, tail = divmod(length, window)
 
         def solve_block(carry, inputs, size):
-            state, stats = carry
+            state, stats, weight = carry
             xs_block, guess_block, offset = inputs
             states, block = iterate(
                 step,
@@ -146,6 +146,9 @@ class Blocks(_AbstractWindowed):
                 give_up=give_up,
             )
             first = (stats.fallback_start == length) & block.fell_back
+            # The mean estimate over the blocks that have one.
+            has = ~jnp.isnan(block.lyapunov)
+            share = jnp.where(has, count(size), count(0))
             stats = Stats(
                 num_iterations=stats.num_iterations + block.num_iterations,
                 num_advances=stats.num_advances + 1,
@@ -158,9 +161,10 @@ class Blocks(_AbstractWindowed):
                 result=RESULTS.where(
                     stats.result == RESULTS.successful, block.result, stats.result
                 ),
-                lyapunov=stats.lyapunov + block.lyapunov * (size / length),
+                lyapunov=stats.lyapunov + jnp.where(has, block.lyapunov * size, 0),
+                window=stats.window,
             )
-            return (states[-1], stats), states
+            return (states[-1], stats, weight + share), states
 
         zero = count(0)
         stats = Stats(
@@ -171,11 +175,12 @@ class Blocks(_AbstractWindowed):
             length=length,
             result=RESULTS.successful,
             lyapunov=jnp.zeros((), init.dtype),
+            window=count(min(window, length)),
         )
         xs_full, xs_tail = _split_blocks(xs, num_blocks, window)
         guess_full, guess_tail = _split_blocks(guess, num_blocks, window)
         offsets = jnp.arange(num_blocks, dtype=jnp.int32) * window
-        carry = (init, stats)
+        carry = (init, stats, count(0))
         pieces = []
         if num_blocks > 0:
             carry, states = jax.lax.scan(
@@ -189,7 +194,10 @@ class Blocks(_AbstractWindowed):
                 carry, (xs_tail, guess_tail, count(num_blocks * window)), tail
             )
             pieces.append(states)
-        _, stats = carry
+        _, stats, weight = carry
+        lyapunov = stats.lyapunov / jnp.maximum(weight, 1).astype(init.dtype)
+        lyapunov = jnp.where(weight > 0, lyapunov, jnp.nan).astype(init.dtype)
+        stats = eqx.tree_at(lambda s: s.lyapunov, stats, lyapunov)
         return jnp.concatenate(pieces) if len(pieces) > 1 else pieces[0], stats
 
 
@@ -248,6 +256,9 @@ class _Sliding(AbstractSchedule):
         start, trajectory = state
         trajectory = jax.lax.dynamic_update_slice_in_dim(trajectory, states, start, 0)
         return trajectory[: self.length]
+
+    def width(self, state):
+        return count(self.window)
 
 
 class SlidingWindow(_AbstractWindowed):
@@ -325,6 +336,9 @@ class _Narrowing(AbstractSchedule):
 
     def finish(self, state, states):
         return states
+
+    def width(self, state):
+        return jnp.minimum(state[0], self.length)
 
     def limit(self, state, prefix):
         return prefix + state[0]

@@ -121,3 +121,20 @@ layouts = {
     "blocks": dict(window=24, schedule="blocks"),
     "sliding": dict(window=24, schedule="sliding"),
 }
+
+
+def expanding_rnn(length, size=8):
+    """`(f, init, xs)`: the convergence study's RNN with gain 1.5 (spectral radius),
+    which contracts along its trajectory (λ ≈ -0.33 per step) but whose Jacobians
+    expand near rest, where Newton starts: over the whole sequence it gives up."""
+    k1, k2, k3 = jr.split(jr.PRNGKey(0), 3)
+    weights = jr.normal(k1, (size, size)) / size**0.5
+    weights = 1.5 * weights / jnp.max(jnp.abs(jnp.linalg.eigvals(weights)))
+    inputs = jr.normal(k2, (size, 2))
+    xs = jr.normal(k3, (length, 2))
+
+    def f(h, x):
+        h = jnp.tanh(weights @ h + inputs @ x)
+        return h, h
+
+    return f, jnp.zeros(size), xs

@@ -7,7 +7,7 @@ import pytest
 
 import partime
 
-from .helpers import problems
+from .helpers import expanding_rnn, problems
 
 
 def _lorenz(t, y, args):
@@ -54,6 +54,19 @@ def test_differential_equation(field, y0, kind):
         assert "sequential" in diagnosis.recommendation
     else:
         assert not diagnosis.fell_back
+
+
+def test_automatic_window_chosen():
+    """Newton gives up over the whole sequence of this contracting RNN (its
+    Jacobians expand near rest); the automatic window narrows and converges, and
+    the diagnosis recommends the width it chose."""
+    f, init, xs = expanding_rnn(200)
+    diagnosis = partime.diagnose(f, init, xs)
+    assert diagnosis.kind == "predictable" and not diagnosis.fell_back
+    assert diagnosis.lyapunov < 0 and diagnosis.num_steps == 200
+    assert 200 // 64 <= diagnosis.window < 200
+    assert f"window={diagnosis.window}" in diagnosis.recommendation
+    assert f"automatic window: {diagnosis.window} steps" in str(diagnosis)
 
 
 def test_bad_calls():

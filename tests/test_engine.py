@@ -9,7 +9,15 @@ import pytest
 
 import partime
 
-from .helpers import _lorenz, _rk4, every_method, layouts, max_rel_error, problems
+from .helpers import (
+    _lorenz,
+    _rk4,
+    every_method,
+    expanding_rnn,
+    layouts,
+    max_rel_error,
+    problems,
+)
 
 
 # Every problem with Newton and ELK; every method on the two RNNs (the other
@@ -132,6 +140,7 @@ def test_stats_print_values():
     assert "weak" not in text and "i32[" not in text
     assert f"num_iterations={int(stats.num_iterations)}" in text
     assert "result=RESULTS.successful" in text
+    assert f"window={len(xs)}" in text and int(stats.window) == len(xs)
     assert stats.num_iterations.dtype == jnp.int32
 
 
@@ -265,6 +274,49 @@ def test_lyapunov_estimate(layout):
         assert abs(float(henon.lyapunov) - henon_reference) < 0.05
 
 
+def test_lyapunov_estimate_after_fallback():
+    """When the iteration falls back, `Stats.lyapunov` comes from the Jacobians over
+    the converged prefix only, where the iterate is the exact trajectory: on an RNN
+    with gain 1.5 that contracts along its trajectory, but whose Jacobians expand
+    near rest (where the iterate is held past the prefix), it matches the QR
+    estimate along `lax.scan`'s first 100 steps in every layout. Given up with fewer
+    than 8 steps converged (Newton from rest), there is no estimate."""
+    exact_steps = 100
+    f, init, xs = expanding_rnn(200)
+    _, exact = jax.lax.scan(f, init, xs)
+    # Exact over the first 100 steps, at rest after them; one iteration, then the
+    # fallback.
+    guess = exact.at[exact_steps:].set(0)
+    step = lambda h, x: f(h, x)[0]
+    capped = partime.Newton(max_iters=1)
+
+    @jax.jit
+    def solve():
+        stats = {
+            name: partime.fixed_point_solve(
+                step, init, xs, capped, guess=guess, **{**layouts[name], "window": 64}
+            )[1]
+            for name in ("blocks", "sliding")
+        }
+        stats["whole"] = partime.fixed_point_solve(step, init, xs, capped, guess=guess)[
+            1
+        ]
+        stats["from rest"] = partime.fixed_point_solve(
+            step, init, xs, partime.Newton()
+        )[1]
+        return stats
+
+    stats = solve()
+    reference = _qr_lyapunov(f, init, xs[:exact_steps])
+    assert reference < -0.1
+    for name in ("whole", "blocks", "sliding"):
+        assert bool(stats[name].fell_back), name
+        assert abs(float(stats[name].lyapunov) - reference) < 0.05, name
+    assert bool(stats["from rest"].fell_back)
+    assert int(stats["from rest"].fallback_start) < 8
+    assert jnp.isnan(stats["from rest"].lyapunov)
+
+
 def test_lyapunov_needs_jacobians():
     f, init, xs = problems["rnn"]
     for method in (partime.QuasiNewton(), partime.Picard(), partime.Jacobi()):
@@ -275,23 +327,24 @@ def test_lyapunov_needs_jacobians():
 @pytest.mark.parametrize("layout", list(layouts))
 def test_give_up(layout):
     """`give_up=True`: no iteration, every step by the exact fallback (equal to
-    `lax.scan`), no estimate; traced, under `vmap` with mixed flags too."""
-    step = lambda s, x: _henon(s, x)[0]
-    init, xs = jnp.array([0.1, 0.1]), jnp.zeros((40, 0))
+    `lax.scan`), no estimate; traced, under `vmap` with mixed flags too. (Not given
+    up, Newton converges on the contracting RNN, with an estimate.)"""
+    f, init, xs = problems["rnn"]
+    step = lambda s, x: f(s, x)[0]
     kwargs = dict(layouts[layout])
 
     @jax.jit
     @jax.vmap
     def solve(flag):
         return partime.fixed_point_solve(
-            step, init, xs, partime.Newton(max_iters=40), give_up=flag, **kwargs
+            step, init, xs, partime.Newton(), give_up=flag, **kwargs
         )
 
     states, stats = solve(jnp.array([True, False]))
     _, reference = jax.lax.scan(lambda s, x: (step(s, x),) * 2, init, xs)
     assert max_rel_error(states, jnp.stack([reference, reference])) < 1e-10
     assert stats.num_iterations.tolist()[0] == 0 and stats.num_iterations[1] > 0
-    assert stats.num_sequential_steps.tolist()[0] == 40
+    assert stats.num_sequential_steps.tolist() == [len(xs), 0]
     assert jnp.isnan(stats.lyapunov[0]) and jnp.isfinite(stats.lyapunov[1])
     with pytest.raises(ValueError, match="boolean scalar"):
         partime.fixed_point_solve(step, init, xs, partime.Newton(), give_up=1.0)

@@ -546,6 +546,9 @@ def test_fallback_is_counted():
     sol = _solve(solver, T0, T1, (T1 - T0) / 4, _Y0)
     assert sol.result == diffrax.RESULTS.successful
     assert int(sol.solver_state.num_fallbacks) == 4
+    # At least one step per window, at most all 40, by the fallback; whole windows.
+    assert 4 <= int(sol.solver_state.num_sequential_steps) <= 40
+    assert int(sol.solver_state.window) == 10
     grid = _inner_grid(np.linspace(T0, T1, 5), 10)
     _assert_close(sol.ys, _solve_on_grid(diffrax.Tsit5(), grid, _Y0).ys, RTOL_Y)
 
@@ -663,9 +666,7 @@ def test_lyapunov_and_chaos(problem):
     }[problem]
     t1, num_steps = 20.0, 2000
     term = diffrax.ODETerm(vf)
-    solver = partime.ParallelSolver(
-        diffrax.Tsit5(), num_steps=num_steps, window="auto"
-    )
+    solver = partime.ParallelSolver(diffrax.Tsit5(), num_steps=num_steps, window="auto")
     ts = np.linspace(0.0, t1, 41)
     sol = _solve(
         solver,
@@ -724,6 +725,8 @@ def test_automatic_window_neutral(automatic_window_case):
     auto, whole = states["auto"], states[num_steps]
     default = states["auto" if jax.default_backend() != "cpu" else num_steps]
     assert int(whole.solver_state.num_fallbacks) == 1
+    assert 0 < int(whole.solver_state.num_sequential_steps) <= num_steps
+    assert int(whole.solver_state.window) == num_steps
     _assert_close(whole.ys, ref.ys, RTOL_Y)
     for name in ("num_iterations", "num_fallbacks"):
         assert int(getattr(states[None].solver_state, name)) == int(
@@ -732,5 +735,8 @@ def test_automatic_window_neutral(automatic_window_case):
     np.testing.assert_array_equal(states[None].ys, default.ys)
     _assert_close(auto.ys, ref.ys, RTOL_Y)
     assert int(auto.solver_state.num_fallbacks) == 0
+    assert int(auto.solver_state.num_sequential_steps) == 0
+    # It narrowed (the whole window gave up), at most to `num_steps / 64`.
+    assert num_steps // 64 <= int(auto.solver_state.window) < num_steps
     # Parallel: on average more than 10 steps settle per iteration.
     assert 0 < int(auto.solver_state.num_iterations) < num_steps // 10

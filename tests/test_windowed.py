@@ -228,6 +228,7 @@ def test_automatic_window_predictable(values_case):
     assert not stats.fell_back
     # Newton on a contracting recurrence: a handful of iterations.
     assert int(stats.num_iterations) == int(whole.num_iterations) <= 10
+    assert int(stats.window) == xs.shape[0]
     assert tree_allclose(out, unwindowed, rtol=0, atol=0)
 
 
@@ -265,10 +266,13 @@ def test_automatic_window_neutral(neutral_case):
     init, xs, expected = neutral_case
     *out, whole = partime.scan(_van_der_pol, init, xs, return_stats=True)
     assert whole.fell_back and max_rel_error(out, expected) < 1e-8
+    assert int(whole.window) == _VDP_LENGTH
     *out, stats = partime.scan(_van_der_pol, init, xs, window="auto", return_stats=True)
     assert max_rel_error(out, expected) < 1e-8
     assert not stats.fell_back
     assert stats.result == partime.RESULTS.successful
+    # It narrowed (the whole sequence gave up), at most to a 64th of it.
+    assert _VDP_LENGTH // 64 <= int(stats.window) < _VDP_LENGTH
     # Parallel: on average more than 10 steps settle per iteration.
     assert 0 < int(stats.num_iterations) < _VDP_LENGTH // 10
 
