@@ -308,7 +308,8 @@ def iterate(
             merit_rate, eps
         )
         needs = jnp.minimum(needs, merit_needs)
-        if rule.frontier:
+        if rule.frontier and method.rejections_are_hopeless:
+            # (A damped method's updates are trusted over every step: no frontier.)
             # Zero once it reached the end, for one more window: then the prefix
             # and the merit are judged over iterations that trusted every step.
             needs = jnp.minimum(needs, needs_to_end(frontier, carry.past_frontier[0]))
