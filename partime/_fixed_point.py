@@ -238,20 +238,30 @@ def fixed_point_solve(
         [`partime.QuasiELK`][]) accept a step only if it decreases the merit, and
         adapt their damping from the achieved versus predicted decrease.
     - *Hopeless cases.* With `fallback=True`, the iteration stops when, at the rate
-        at which the converged prefix and the merit have progressed over the last
-        tenth of the cap (at least 2 iterations), it would not finish within the
-        cap — or after a fortieth of the cap (at least 2) undamped updates in a
-        row were rejected. A larger `max_iters` therefore also means more
-        patience. Chaotic recurrences (positive largest Lyapunov exponent, e.g.
-        Lorenz-63 over many Lyapunov times) are stopped after 2–5 iterations instead
-        of running to the cap. The price: a predictable problem whose first updates
-        go badly (from a poor guess) can be stopped too, and finished sequentially —
-        exact, only not parallel; a better guess or a larger `max_iters` helps.
+        at which the converged prefix, the merit and the trusted frontier (the
+        prefix plus the horizon the next update is trusted over) have progressed
+        over the last tenth of the cap (at least 2 iterations), it would not finish
+        within the cap. Only accepted updates count: a rejected one shrinks the
+        trust horizon 4× and is retried, and is hopeless only over a horizon of one
+        step. A larger `max_iters` therefore also means more patience. A
+        predictable problem whose first updates go badly from a poor guess (an RNN
+        with unstable Jacobians at the guess) shows its progress in the trust
+        horizon, which doubles every other iteration before the prefix moves, and
+        converges (20–24 iterations); chaotic recurrences (positive largest
+        Lyapunov exponent, e.g. the logistic map, Lorenz-63 over many Lyapunov
+        times), whose horizon stays a few steps long, are stopped after 8–11
+        iterations (about half of them rejected), instead of running to the cap.
+        The price of the test: a problem that would converge just within the cap
+        can be stopped and finished sequentially — exact, only not parallel; a
+        better guess or a larger `max_iters` helps.
     - *Exact fallback.* If the iteration did not converge, the steps after the
         leading ones that are exact to rounding are recomputed sequentially (a
         `while_loop` of zero trips when it converged). Restarting after the steps
         that are merely within tolerance would let a chaotic recurrence amplify
-        their errors (by `e^{λ t}`) far beyond it.
+        their errors (by `e^{λ t}`) far beyond it. Where the last trust horizon
+        fell short of the end (errors were seen to grow there), rounding errors
+        would be amplified too: the fallback then restarts after the steps whose
+        residual is exactly zero, so that it reproduces the sequential answer.
     - *Non-finite input.* A NaN or infinite `init` skips the iteration: every step
         is computed sequentially, as `jax.lax.scan` would (the finite components of
         the state stay exact), and the result is `RESULTS.nonfinite_input`.

@@ -226,7 +226,7 @@ def step_with_info(solver, make_terms, args, flattener) -> Callable:
     return erk_step
 
 
-def coarse_pass(step, y0_flat, t0, t1, counts, threshold):
+def coarse_pass(step, y0_flat, t0, t1, counts, threshold, resolved):
     """The inner solver stepped sequentially over `counts[0]` long steps spanning
     the window `[t0, t1]` (a parareal-style predictor of the window): their dense
     infos; and along the way, the log-growth of a perturbation over the window,
@@ -241,10 +241,15 @@ def coarse_pass(step, y0_flat, t0, t1, counts, threshold):
     step is refined. So the passes go on to the next grid while the growth is not
     finite or above `threshold` and not yet confirmed by the previous grid (within
     a third: finite-time growths along chaotic trajectories differ by some 25%
-    between grids, an unstable step's by more). The estimate is that of the first
-    grid whose growth is at most `threshold`, or of the second of two consecutive
-    grids that agree above it, or of the finest: one pass where the coarse one is
-    stable and shows no chaos. NaN if no pass is finite. The dense infos are those
+    between grids, an unstable step's by more). Unstable grids can agree too (the
+    pendulum over 100 time units in 20 and 40 steps: `e^116` and `e^124`, where a
+    resolving grid shows `e^0.2`), so a grid confirms only if it resolves the
+    dynamics: no step of it grows the perturbation more than `e^resolved`-fold (a
+    step that does is beyond an explicit solver's accurate range, `|h λ| ≲ 1`).
+    The estimate is that of the first grid whose growth is at most `threshold`, or
+    of the second of two consecutive resolving grids that agree above it, or of
+    the finest: one pass where the coarse one is stable and shows no chaos. NaN if
+    no pass is finite. The dense infos are those
     of the first (coarsest) pass. One loop over the grids, the prediction and the
     perturbation in the same pass, so that the program holds one copy of the step.
     No gradient flows through it.
@@ -277,7 +282,7 @@ def coarse_pass(step, y0_flat, t0, t1, counts, threshold):
         first = level == 0
 
         def body(i, carry):
-            y_flat, v, growth, infos = carry
+            y_flat, v, growth, largest, infos = carry
             x = (time(i, n), time(i + 1, n))
             (y1, info), (v1, _) = jax.jvp(lambda y: step(y, x), (y_flat,), (v,))
             slot = jnp.where(first, i, num_coarse)
@@ -286,24 +291,30 @@ def coarse_pass(step, y0_flat, t0, t1, counts, threshold):
             )
             norm = jnp.linalg.norm(v1)
             v1 = v1 / jnp.where(norm > 0, norm, 1)
-            return y1, v1, growth + jnp.log(norm), infos
+            # `maximum` keeps a NaN: a step that is not finite resolves nothing.
+            largest = jnp.maximum(largest, jnp.log(norm))
+            return y1, v1, growth + jnp.log(norm), largest, infos
 
-        start = (y0_flat, v0, jnp.zeros((), dtype), infos)
-        _, _, growth, infos = jax.lax.fori_loop(0, n, body, start)
-        return jnp.where(jnp.isfinite(growth), growth, jnp.nan), infos
+        zero = jnp.zeros((), dtype)
+        start = (y0_flat, v0, zero, jnp.asarray(-jnp.inf, dtype), infos)
+        _, _, growth, largest, infos = jax.lax.fori_loop(0, n, body, start)
+        growth = jnp.where(jnp.isfinite(growth), growth, jnp.nan)
+        return growth, largest <= resolved, infos
 
     def refine(carry):
-        level, previous, _, _, infos = carry
-        growth, infos = pass_over(level, infos)
+        level, previous, previous_resolves, _, _, infos = carry
+        growth, resolves, infos = pass_over(level, infos)
         high = ~(growth <= threshold)  # NaN included
         agree = jnp.abs(growth - previous) <= jnp.minimum(growth, previous) / 3
         confirmed = (growth > threshold) & (previous > threshold) & agree
+        confirmed = confirmed & resolves & previous_resolves
         done = ~(high & ~confirmed) | (level == counts.shape[0] - 1)
-        return level + 1, growth, done, growth, infos
+        return level + 1, growth, resolves, done, growth, infos
 
     nan = jnp.asarray(jnp.nan, dtype)
-    start = (jnp.asarray(0, jnp.int32), nan, jnp.asarray(False), nan, no_infos)
-    _, _, _, growth, infos = jax.lax.while_loop(lambda c: ~c[2], refine, start)
+    false = jnp.asarray(False)
+    start = (jnp.asarray(0, jnp.int32), nan, false, false, nan, no_infos)
+    _, _, _, _, growth, infos = jax.lax.while_loop(lambda c: ~c[3], refine, start)
     return jax.lax.stop_gradient((infos, growth))
 
 

@@ -13,7 +13,7 @@ updates over instead of stopping. None of them edits this loop.
 import abc
 import math
 from collections.abc import Callable
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import equinox as eqx
 import jax
@@ -26,10 +26,30 @@ from ._method.base import AbstractMethod
 from ._stats import count, RESULTS, Stats
 
 
-# Hopeless-case detection: progress is measured over the last tenth of the cap (at
-# least 2 iterations), and undamped updates may be rejected a fortieth of the cap
-# times in a row (at least 2), so that a larger `max_iters` also means more patience.
-_PATIENCE = 0.1
+class _HopelessRule(NamedTuple):
+    """The hopeless-case test's design (static). The default is the rule below;
+    `benchmarks/hopeless.py` measures it against the alternatives these fields
+    describe (the rule before: `max_rejections=2, rejections_wait=True,
+    frontier=False, restart_trusted_only=False`)."""
+
+    # Progress is measured over this fraction of the cap (at least 2 iterations).
+    patience: float = 0.1
+    # Undamped updates rejected this many times in a row are hopeless; `None`: only
+    # a rejection over a horizon of one step (no shorter horizon is left to try).
+    max_rejections: int | None = None
+    # Whether rejected iterations count towards the patience (they make no progress
+    # but measure the horizon over which the linearisation can be trusted).
+    rejections_wait: bool = False
+    # Whether the advance of the trusted frontier (the converged prefix plus the
+    # trust horizon) counts as progress, besides the prefix and the merit.
+    frontier: bool = True
+    # Whether the fallback restarts after the prefix exact to rounding only where
+    # the last trust horizon covered every step, and otherwise after the prefix whose
+    # residuals are exactly zero.
+    restart_trusted_only: bool = True
+
+
+_HOPELESS = _HopelessRule()
 
 # `Stats.lyapunov` of an iteration that did not converge needs at least this many
 # converged steps: over fewer, their growth is a transient (on an RNN of gain 1.5
@@ -154,17 +174,18 @@ class _Carry(eqx.Module):
     advances: Int[Array, ""]
     # The method's policy: Newton's trust horizon, ELK's λ.
     policy: PyTree
-    # (prefix, merit) after each of the last few iterations, oldest first, for the
-    # hopeless-case test.
+    # (prefix, merit, trusted frontier) after each of the last few iterations that
+    # count towards the patience, oldest first, for the hopeless-case test.
     past_prefix: Int[Array, " w"]
     past_merit: Float[Array, " w"]
+    past_frontier: Int[Array, " w"]
     # Updates rejected in a row.
     rejections: Int[Array, ""]
     hopeless: Bool[Array, ""]
-    # The iteration cap (static, unless the schedule narrows), and the iteration
-    # from which the hopeless-case test measures (0, or the last narrowing).
+    # The iteration cap (static, unless the schedule narrows), and the iterations
+    # that counted towards the patience since the start or the last narrowing.
     cap: Int[Array, ""]
-    since: Int[Array, ""]
+    waited: Int[Array, ""]
 
 
 def iterate(
@@ -194,8 +215,8 @@ def iterate(
     init_finite = jnp.all(jnp.isfinite(init))
     index = layout.index
     eps = float(jnp.finfo(dtype).eps)
-    window_size = max(2, math.ceil(_PATIENCE * cap))
-    max_rejections = max(2, math.ceil(_PATIENCE * cap / 4))
+    rule = _HOPELESS
+    window_size = max(2, math.ceil(rule.patience * cap))
     if give_up is None or not method.fallback:
         give_up = jnp.array(False)
 
@@ -268,35 +289,74 @@ def iterate(
         iteration = carry.iteration + 1
 
         # Hopeless case: at the rates at which the converged prefix (of the whole
-        # sequence) and the merit progressed over the last `window_size` iterations,
-        # the iteration would not finish within the cap. (The merit must fall to at
-        # most `½ Σ tol²`, a necessary condition for convergence.) Either rate
-        # suffices to go on.
+        # sequence), the merit and the trusted frontier progressed over the last
+        # `window_size` iterations, the iteration would not finish within the cap.
+        # Any one rate suffices to go on. (The merit must fall to at most
+        # `½ Σ tol²`, a necessary condition for convergence. The frontier is the
+        # prefix plus the horizon the method trusts its next update over: while an
+        # undamped update is trusted over a few steps only, the prefix creeps and
+        # the merit is that of a constant continuation past them, so that a
+        # contracting recurrence from a poor guess — an RNN with unstable Jacobians
+        # at the guess — makes its progress there: the horizon doubles every other
+        # iteration, then the prefix and merit follow. On a chaotic recurrence it
+        # stays a few steps long and moves with the prefix.)
         reached = offset + prefix
-        prefix_rate = (reached - carry.past_prefix[0]).astype(dtype) / window_size
-        prefix_needs = (total - reached).astype(dtype) / jnp.maximum(prefix_rate, eps)
+        trusted = jnp.minimum(method.cut(layout, prefix, policy), length)
+        if schedule.narrows:
+            trusted = jnp.minimum(trusted, schedule.limit(carry.schedule, prefix))
+        frontier = offset + trusted
+
+        def needs_to_end(progress, past):
+            # Iterations to reach the end at the rate of the last window; infinite
+            # without progress.
+            rate = (progress - past).astype(dtype) / window_size
+            to_go = (total - progress).astype(dtype)
+            return jnp.where(rate > 0, to_go / jnp.maximum(rate, eps), jnp.inf)
+
+        needs = jnp.where(
+            reached == total, 0, needs_to_end(reached, carry.past_prefix[0])
+        )
         target = layout.merit(tolerance(states, scale_now))
         merit_rate = jnp.log(carry.past_merit[0] / merit) / window_size
         merit_rate = jnp.where(jnp.isfinite(merit_rate), merit_rate, 0)
         merit_needs = jnp.log(jnp.maximum(merit, target) / target) / jnp.maximum(
             merit_rate, eps
         )
-        needs = jnp.minimum(prefix_needs, merit_needs)
+        needs = jnp.minimum(needs, merit_needs)
+        if rule.frontier and method.rejections_are_hopeless:
+            # (A damped method's updates are trusted over every step: no frontier.)
+            # Zero once it reached the end, for one more window: then the prefix
+            # and the merit are judged over iterations that trusted every step.
+            needs = jnp.minimum(needs, needs_to_end(frontier, carry.past_frontier[0]))
         left = (carry.cap - iteration).astype(dtype)
-        hopeless = (iteration - carry.since >= window_size) & (needs > left)
+        # A rejected undamped update measured how far the linearisation can be
+        # trusted (the horizon shrank 4x); it is not judged for progress. (Damped
+        # methods reject routinely while their damping adapts: every iteration
+        # counts.)
+        counts_all = rule.rejections_wait or not method.rejections_are_hopeless
+        waits = jnp.asarray(True) if counts_all else accept
+        waited = carry.waited + waits.astype(jnp.int32)
+        hopeless = waits & (waited >= window_size) & (needs > left)
         rejections = jnp.where(accept, 0, carry.rejections + 1)
         if method.rejections_are_hopeless:
-            # Updates rejected again and again (two in a row at Newton's default
-            # cap): even over a horizon a quarter as long, then a sixteenth, the
-            # linearisation blew up.
-            hopeless = hopeless | (rejections >= max_rejections)
+            if rule.max_rejections is None:
+                # Rejected over one step past the prefix, where an undamped update
+                # is exact: the recurrence itself is not finite there.
+                hopeless = hopeless | (~accept & (cut - carry.prefix <= 1))
+            else:
+                hopeless = hopeless | (rejections >= rule.max_rejections)
         if not method.fallback:
             # Without a fallback, stopping early only turns a possible success into
             # a certain failure.
             hopeless = jnp.array(False)
-        past_prefix = jnp.concatenate([carry.past_prefix[1:], reached[None]])
-        past_merit = jnp.concatenate([carry.past_merit[1:], merit[None]])
-        new_cap, since = carry.cap, carry.since
+
+        def remember(past, value):
+            return jnp.where(waits, jnp.concatenate([past[1:], value[None]]), past)
+
+        past_prefix = remember(carry.past_prefix, reached)
+        past_merit = remember(carry.past_merit, merit)
+        past_frontier = remember(carry.past_frontier, frontier)
+        new_cap = carry.cap
         schedule_state = carry.schedule
         if schedule.narrows:
             # Hopeless over the window: narrow it and go on, with fresh patience,
@@ -309,8 +369,9 @@ def iterate(
             rejections = jnp.where(narrowed, 0, rejections)
             past_prefix = jnp.where(narrowed, reached, past_prefix)
             past_merit = jnp.where(narrowed, merit, past_merit)
+            past_frontier = jnp.where(narrowed, frontier, past_frontier)
             new_cap = jnp.where(narrowed, narrowed_cap, new_cap)
-            since = jnp.where(narrowed, iteration, since)
+            waited = jnp.where(narrowed, 0, waited)
             schedule_state = jtu.tree_map(
                 lambda a, b: jnp.where(narrowed, a, b), narrowed_state, schedule_state
             )
@@ -353,10 +414,11 @@ def iterate(
             policy=policy,
             past_prefix=past_prefix,
             past_merit=past_merit,
+            past_frontier=past_frontier,
             rejections=rejections,
             hopeless=hopeless,
             cap=new_cap,
-            since=since,
+            waited=waited,
         )
 
     sched, states = schedule.start(init, guess)
@@ -390,10 +452,12 @@ def iterate(
         policy=method.init_policy(length, dtype),
         past_prefix=jnp.broadcast_to(prefix, (window_size,)),
         past_merit=jnp.broadcast_to(merit, (window_size,)),
+        # Before the first update only the prefix is trusted.
+        past_frontier=jnp.broadcast_to(prefix, (window_size,)),
         rejections=count(0),
         hopeless=give_up,
         cap=count(cap),
-        since=count(0),
+        waited=count(0),
     )
     carry = jax.lax.while_loop(cond_fun, body_fun, carry)
     states = carry.states
@@ -405,8 +469,16 @@ def iterate(
     # reach rounding level one iteration after tolerance, so this costs few extra
     # sequential steps. The residuals of the last iterate are in the carry. (Steps
     # that the schedule moved past were settled: their update was within tolerance
-    # too, so a Newton-type update made them exact to rounding.)
+    # too, so a Newton-type update made them exact to rounding.) Where the last
+    # trust horizon fell short of the end, the linearisation was seen to amplify
+    # errors more than 100-fold within it, and rounding errors would be amplified
+    # as much: the fallback then starts after the steps whose residual is exactly
+    # zero (the logistic map, r = 3.9, given up on after a few iterations: an
+    # error of 0.9 from a restart 100 ulps off, none from there).
     exact = min(atol, 100 * eps) + min(rtol, 100 * eps) * jnp.abs(states)
+    if _HOPELESS.restart_trusted_only:
+        covered = method.cut(layout, carry.prefix, carry.policy) >= length
+        exact = jnp.where(covered, exact, 0)
     exact_prefix = jnp.minimum(
         layout.first_false(within(carry.residual, exact)), carry.prefix
     )

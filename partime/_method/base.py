@@ -77,8 +77,9 @@ class AbstractMethod(eqx.Module):
     methods adapt their Levenberg–Marquardt damping from the achieved versus
     predicted reduction of the merit `½ Σ_t ‖r_t‖²`. With `fallback=True` the
     iteration also stops early when it is hopeless — when, at the rate at which the
-    converged prefix and the merit have progressed over the last few iterations, it
-    would not finish within the cap — and the fallback takes over.
+    converged prefix, the merit and the trusted frontier have progressed over the
+    last few accepted iterations, it would not finish within the cap — and the
+    fallback takes over.
     """
 
     rtol: AbstractVar[float | None]
@@ -118,9 +119,9 @@ class AbstractMethod(eqx.Module):
         cap = self.default_max_iters if self.max_iters is None else self.max_iters
         return min(cap, length)
 
-    # Undamped updates rejected this many times in a row (a fortieth of the cap, at
-    # least 2) mean the iteration is hopeless; damped methods reject routinely while
-    # their trust region adapts.
+    # An undamped update rejected over a horizon of one step past the prefix (where
+    # it is exact: the recurrence itself is not finite there) means the iteration
+    # is hopeless; damped methods reject routinely while their trust region adapts.
     rejections_are_hopeless: ClassVar[bool] = True
 
     # Whether the transitions are the steps' Jacobians (or close to them), so that

@@ -38,9 +38,9 @@ class Newton(AbstractMethod):
     `T`; neutral, such as oscillators: growing with the number of periods), and
     needs `O(T)` where it is not (chaotic: positive largest Lyapunov exponent
     `λ` with `λ·T` beyond a few units). The hopeless-case test judges progress over
-    the last tenth of the cap, i.e. after 5 iterations; raise `max_iters` for more
-    patience where iterations are cheap relative to sequential steps (accelerators,
-    long horizons).
+    the last tenth of the cap, i.e. after 5 accepted iterations (8–11 in all on
+    chaotic maps); raise `max_iters` for more patience where iterations are cheap
+    relative to sequential steps (accelerators, long horizons).
 
     ??? cite "Reference"
 
