@@ -65,32 +65,49 @@ def _is_butcher_erk(solver) -> bool:
 
 
 def _erk_stages(solver, make_terms, args, flattener, num_stages):
-    """The first `num_stages` stage increments `k_i` (flat) of an explicit
-    Runge--Kutta step, from the solver's (public) Butcher tableau, as straight-line
-    code: `(y_flat, x) -> (ks, control)`."""
+    """The first `num_stages` stage increments `k_i` (flat, stacked on a leading
+    axis) of an explicit Runge--Kutta step, from the solver's (public) Butcher
+    tableau: `(y_flat, x) -> ks`. The stages run in a `lax.scan` over the rows of
+    the tableau, so that the program holds one copy of the vector field per use of
+    the step rather than one per stage (XLA:CPU's compile time grows with every
+    copy); forward and reverse mode pass it."""
     ravel, unravel = flattener.ravel, flattener.unravel
     tableau = solver.tableau
+    # Row `i`: the coefficients of `k_0..k_{i-1}` in stage `i`'s state.
+    lower = np.zeros((num_stages, num_stages))
+    for i in range(1, num_stages):
+        lower[i, :i] = tableau.a_lower[i - 1]
+    nodes = np.concatenate([[0.0], np.asarray(tableau.c)])[:num_stages]
 
     def stages(y_flat, x):
         ta, tb, increments = x
         terms = make_terms(increments)
         control = terms.contr(ta, tb)
-        ks = []
-        for i in range(num_stages):
-            if i == 0:
-                ti, yi = ta, y_flat
-            else:
-                ci = float(tableau.c[i - 1])
-                ti = tb if ci == 1 else ta + ci * (tb - ta)
-                yi = _combine(y_flat, tableau.a_lower[i - 1].tolist(), ks)
-            ks.append(ravel(terms.vf_prod(ti, unravel(yi), args, control)))
-        return ks
+        time_dtype = jnp.result_type(ta, tb)
+
+        def stage(ks, inputs):
+            coefficients, ci, current = inputs
+            ti = jnp.where(ci == 1, tb, ta + ci * (tb - ta))
+            # Zero coefficients add nothing, not `0 * k` (NaN for an infinite `k`).
+            terms_ = jnp.where(coefficients != 0, coefficients * ks, 0)
+            yi = y_flat + jnp.sum(terms_, axis=0)
+            k = ravel(terms.vf_prod(ti, unravel(yi), args, control))
+            return jnp.where(current, k, ks), None
+
+        inputs = (
+            jnp.asarray(lower[..., None], y_flat.dtype),
+            jnp.asarray(nodes, time_dtype),
+            np.eye(num_stages, dtype=bool)[..., None],
+        )
+        ks = jnp.zeros((num_stages, *y_flat.shape), y_flat.dtype)
+        return jax.lax.scan(stage, ks, inputs)[0]
 
     return stages
 
 
 def _combine(y_flat, coefficients, ks):
-    terms_ = [c * k for c, k in zip(coefficients, ks) if c != 0]
+    """`y + Σ_i c_i k_i` over the nonzero coefficients."""
+    terms_ = [c * ks[i] for i, c in enumerate(coefficients) if c != 0]
     return y_flat + sum(terms_[1:], terms_[0]) if terms_ else y_flat
 
 
@@ -167,7 +184,7 @@ def step_outputs(solver, make_terms, args, flattener) -> Callable:
         ks = stages(y_flat, x)
         zero = jnp.zeros_like(y_flat)
         y_error = unravel(_combine(zero, b_error, ks))
-        k = jax.vmap(unravel)(jnp.stack(ks))
+        k = jax.vmap(unravel)(ks)
         info = dict(y0=unravel(y_flat), y1=unravel(y1_flat), k=k)
         return y_error, info, diffrax.RESULTS.successful
 
@@ -220,7 +237,7 @@ def step_with_info(solver, make_terms, args, flattener) -> Callable:
     def erk_step(y_flat, x):
         ks = stages(y_flat, x)
         y1 = ravel(unravel(_combine(y_flat, b_sol.tolist(), ks[:num_stages])))
-        k = jax.vmap(unravel)(jnp.stack(ks))
+        k = jax.vmap(unravel)(ks)
         return y1, dict(y0=unravel(y_flat), y1=unravel(y1), k=k)
 
     return erk_step
