@@ -86,17 +86,19 @@ def _erk_stages(solver, make_terms, args, flattener, num_stages):
         time_dtype = jnp.result_type(ta, tb)
 
         def stage(ks, inputs):
-            coefficients, ci, current = inputs
-            ti = jnp.where(ci == 1, tb, ta + ci * (tb - ta))
-            # Zero coefficients add nothing, not `0 * k` (NaN for an infinite `k`).
-            terms_ = jnp.where(coefficients != 0, coefficients * ks, 0)
-            yi = y_flat + jnp.sum(terms_, axis=0)
+            coefficients, ti, current = inputs
+            # As diffrax's stages: a product with all of `ks` (zeros not yet filled).
+            yi = y_flat + jnp.tensordot(
+                coefficients, ks, axes=1, precision=jax.lax.Precision.HIGHEST
+            )
             k = ravel(terms.vf_prod(ti, unravel(yi), args, control))
             return jnp.where(current, k, ks), None
 
+        c = jnp.asarray(nodes, time_dtype)
+        times = jnp.where(c == 1, tb, ta + c * (tb - ta))
         inputs = (
-            jnp.asarray(lower[..., None], y_flat.dtype),
-            jnp.asarray(nodes, time_dtype),
+            jnp.asarray(lower, y_flat.dtype),
+            times,
             np.eye(num_stages, dtype=bool)[..., None],
         )
         ks = jnp.zeros((num_stages, *y_flat.shape), y_flat.dtype)
