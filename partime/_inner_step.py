@@ -70,7 +70,10 @@ def _erk_stages(solver, make_terms, args, flattener, num_stages):
     tableau: `(y_flat, x) -> ks`. The stages run in a `lax.scan` over the rows of
     the tableau, so that the program holds one copy of the vector field per use of
     the step rather than one per stage (XLA:CPU's compile time grows with every
-    copy); forward and reverse mode pass it."""
+    copy); forward and reverse mode pass it. Each stage is a `jax.checkpoint`: reverse
+    mode keeps the stages' inputs and recomputes the vector field's intermediates,
+    which a scan would otherwise store for every stage at once (twice the gradient's
+    memory on the neural ODE of `benchmarks/ode.py`)."""
     ravel, unravel = flattener.ravel, flattener.unravel
     tableau = solver.tableau
     # Row `i`: the coefficients of `k_0..k_{i-1}` in stage `i`'s state.
@@ -102,7 +105,7 @@ def _erk_stages(solver, make_terms, args, flattener, num_stages):
             np.eye(num_stages, dtype=bool)[..., None],
         )
         ks = jnp.zeros((num_stages, *y_flat.shape), y_flat.dtype)
-        return jax.lax.scan(stage, ks, inputs)[0]
+        return jax.lax.scan(jax.checkpoint(stage), ks, inputs)[0]
 
     return stages
 
