@@ -138,8 +138,9 @@ def flat_step(solver, make_terms, args, flattener) -> Callable:
     `StoredIncrementTerm`); `flattener` maps states to flat vectors and back.
 
     Explicit Runge--Kutta steps are evaluated here from the solver's (public) Butcher
-    tableau: straight-line code that `jax.jacfwd` and reverse mode pass cheaply, where
-    diffrax's `step` runs a loop over the stages; and the stages that do not enter
+    tableau (`_erk_stages`: a `lax.scan` over the stages that `jax.jacfwd` and reverse
+    mode pass, where diffrax's `step` runs a checkpointed loop that `jax.jacfwd`
+    cannot); and the stages that do not enter
     `y_k` (the first-same-as-last stage of Tsit5, Dopri5, ...; only the error estimate
     and dense output use it) are skipped. Other solvers take their own `init` + `step`
     per inner step. The error estimates and dense output come from `step_outputs`, at
@@ -166,8 +167,8 @@ def step_outputs(solver, make_terms, args, flattener) -> Callable:
     """What an inner step gives besides its end state, at a known end state:
     `(y_{k-1}, y_k, x_k) -> (y_error, dense_info, result)`, as diffrax's `step`
     returns them. Explicit Runge--Kutta steps evaluate every stage of the tableau
-    (the first-same-as-last one included: the dense output uses it) as straight-line
-    code, in the shapes of diffrax's own dense info (`y0`, `y1`, `k` with the stages
+    (the first-same-as-last one included: the dense output uses it) as `flat_step`
+    does, in the shapes of diffrax's own dense info (`y0`, `y1`, `k` with the stages
     on a leading axis); other solvers run diffrax's `init` + `step`."""
     unravel = flattener.unravel
     if not _is_butcher_erk(solver):
@@ -222,7 +223,7 @@ def no_gradient(tree):
 def step_with_info(solver, make_terms, args, flattener) -> Callable:
     """One inner step and its dense info: `(y_{k-1}, x_k) -> (y_k, dense_info)`,
     `y_k` as `flat_step` computes it. Explicit Runge--Kutta steps evaluate every
-    stage as straight-line code (as `step_outputs`); other solvers run diffrax's
+    stage (as `step_outputs`); other solvers run diffrax's
     `init` + `step`."""
     ravel, unravel = flattener.ravel, flattener.unravel
     if not _is_butcher_erk(solver):
