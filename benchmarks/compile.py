@@ -3,10 +3,12 @@
 What a user pays on the first call, before any solve runs, split into its three
 phases: tracing (`jax.jit(fn).trace`), lowering to StableHLO (`.lower()`) and XLA's
 compilation (`.compile()`); plus the number of times the user's Python vector field
-was called while tracing (the program grows with every trace), and the size of the
-lowered program (characters of its StableHLO text). For the forward solve and for
-`jax.value_and_grad` of `loss = sum(y(t1)²)` (with respect to the parameters and `y0`),
-on the problems of `benchmarks/ode.py`, float32:
+was called while tracing (the program grows with every trace), the size of the
+lowered program (characters of its StableHLO text) and the number of kernels XLA
+compiled it to (`kernels`: fusions and other work-launching instructions outside
+fused computations, in the compiled HLO; XLA:CPU generates code for each). For the
+forward solve and for `jax.value_and_grad` of `loss = sum(y(t1)²)` (with respect to
+the parameters and `y0`), on the problems of `benchmarks/ode.py`, float32:
 
 - `neural`: the neural ODE `dy/dt = MLP(y)` (width 64, depth 2), `d = 4`, Tsit5,
   `T = 1000` steps in one parallel window;
@@ -28,6 +30,7 @@ it); `--quick` writes only with `--out`.
 
 import argparse
 import gc
+import re
 import sys
 import time
 from pathlib import Path
@@ -69,6 +72,32 @@ class _Counter:
             setattr(owner, name, counted)
 
 
+_KERNELS = {
+    "fusion", "custom-call", "dot", "convolution", "sort", "scatter", "gather",
+    "reduce", "reduce-window", "copy", "dynamic-update-slice", "dynamic-slice",
+    "concatenate", "pad", "transpose", "select-and-scatter",
+}  # fmt: skip
+# `%name = shape opcode(...)`; a tuple shape holds spaces, no `=`.
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%\S+ = (?:\([^=]*?\)|\S+) ([\w\-]+)\(")
+
+
+def count_kernels(hlo: str) -> int:
+    """The work-launching instructions of a compiled HLO module outside its fused
+    computations (each fusion counts once)."""
+    fused = set(re.findall(r"fusion\(.*?calls=%([\w.\-]+)", hlo))
+    total, inside = 0, False
+    for line in hlo.splitlines():
+        header = re.match(r"(?:ENTRY )?%([\w.\-]+) .*\{$", line)
+        if header:
+            inside = header.group(1) not in fused
+        elif line.startswith("}"):
+            inside = False
+        elif inside:
+            instruction = _INSTRUCTION.match(line)
+            total += bool(instruction and instruction.group(1) in _KERNELS)
+    return total
+
+
 def measure(fn, *args) -> dict[str, Any]:
     """Seconds to trace, lower and compile `jax.jit(fn)` for `args` from cold caches,
     the vector-field calls while tracing, and the size of the lowered program."""
@@ -83,7 +112,7 @@ def measure(fn, *args) -> dict[str, Any]:
     lowered = traced.lower()
     lower_s = time.perf_counter() - start
     start = time.perf_counter()
-    lowered.compile()
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - start
     return {
         "trace_s": trace_s,
@@ -92,6 +121,7 @@ def measure(fn, *args) -> dict[str, Any]:
         "total_s": trace_s + lower_s + compile_s,
         "field_calls": calls,
         "stablehlo_chars": len(lowered.as_text()),
+        "kernels": count_kernels(compiled.as_text()),
     }
 
 
@@ -129,6 +159,7 @@ def run_problem(name: str, T: int) -> list[dict[str, Any]]:
             row["stablehlo_ratio"] = (
                 row["stablehlo_chars"] / reference["stablehlo_chars"]
             )
+            row["kernels_ratio"] = row["kernels"] / max(reference["kernels"], 1)
     return rows
 
 
@@ -147,6 +178,8 @@ def table_row(row: dict[str, Any]) -> list[str]:
         str(row["field_calls"]),
         f"{row['stablehlo_chars'] / 1e3:.0f}k",
         ratio("stablehlo_ratio"),
+        str(row["kernels"]),
+        ratio("kernels_ratio"),
     ]
 
 
@@ -163,6 +196,8 @@ HEADER = [
     "field traces",
     "StableHLO",
     "size / diffrax",
+    "kernels",
+    "kernels / diffrax",
 ]
 
 

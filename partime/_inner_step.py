@@ -65,32 +65,54 @@ def _is_butcher_erk(solver) -> bool:
 
 
 def _erk_stages(solver, make_terms, args, flattener, num_stages):
-    """The first `num_stages` stage increments `k_i` (flat) of an explicit
-    Runge--Kutta step, from the solver's (public) Butcher tableau, as straight-line
-    code: `(y_flat, x) -> (ks, control)`."""
+    """The first `num_stages` stage increments `k_i` (flat, stacked on a leading
+    axis) of an explicit Runge--Kutta step, from the solver's (public) Butcher
+    tableau: `(y_flat, x) -> ks`. The stages run in a `lax.scan` over the rows of
+    the tableau, so that the program holds one copy of the vector field per use of
+    the step rather than one per stage (XLA:CPU's compile time grows with every
+    copy); forward and reverse mode pass it. Each stage is a `jax.checkpoint`: reverse
+    mode keeps the stages' inputs and recomputes the vector field's intermediates,
+    which a scan would otherwise store for every stage at once (twice the gradient's
+    memory on the neural ODE of `benchmarks/ode.py`)."""
     ravel, unravel = flattener.ravel, flattener.unravel
     tableau = solver.tableau
+    # Row `i`: the coefficients of `k_0..k_{i-1}` in stage `i`'s state.
+    lower = np.zeros((num_stages, num_stages))
+    for i in range(1, num_stages):
+        lower[i, :i] = tableau.a_lower[i - 1]
+    nodes = np.concatenate([[0.0], np.asarray(tableau.c)])[:num_stages]
 
     def stages(y_flat, x):
         ta, tb, increments = x
         terms = make_terms(increments)
         control = terms.contr(ta, tb)
-        ks = []
-        for i in range(num_stages):
-            if i == 0:
-                ti, yi = ta, y_flat
-            else:
-                ci = float(tableau.c[i - 1])
-                ti = tb if ci == 1 else ta + ci * (tb - ta)
-                yi = _combine(y_flat, tableau.a_lower[i - 1].tolist(), ks)
-            ks.append(ravel(terms.vf_prod(ti, unravel(yi), args, control)))
-        return ks
+        time_dtype = jnp.result_type(ta, tb)
+
+        def stage(ks, inputs):
+            coefficients, ti, current = inputs
+            # As diffrax's stages: a product with all of `ks` (zeros not yet filled).
+            yi = y_flat + jnp.tensordot(
+                coefficients, ks, axes=1, precision=jax.lax.Precision.HIGHEST
+            )
+            k = ravel(terms.vf_prod(ti, unravel(yi), args, control))
+            return jnp.where(current, k, ks), None
+
+        c = jnp.asarray(nodes, time_dtype)
+        times = jnp.where(c == 1, tb, ta + c * (tb - ta))
+        inputs = (
+            jnp.asarray(lower, y_flat.dtype),
+            times,
+            np.eye(num_stages, dtype=bool)[..., None],
+        )
+        ks = jnp.zeros((num_stages, *y_flat.shape), y_flat.dtype)
+        return jax.lax.scan(jax.checkpoint(stage), ks, inputs)[0]
 
     return stages
 
 
 def _combine(y_flat, coefficients, ks):
-    terms_ = [c * k for c, k in zip(coefficients, ks) if c != 0]
+    """`y + Σ_i c_i k_i` over the nonzero coefficients."""
+    terms_ = [c * ks[i] for i, c in enumerate(coefficients) if c != 0]
     return y_flat + sum(terms_[1:], terms_[0]) if terms_ else y_flat
 
 
@@ -116,8 +138,9 @@ def flat_step(solver, make_terms, args, flattener) -> Callable:
     `StoredIncrementTerm`); `flattener` maps states to flat vectors and back.
 
     Explicit Runge--Kutta steps are evaluated here from the solver's (public) Butcher
-    tableau: straight-line code that `jax.jacfwd` and reverse mode pass cheaply, where
-    diffrax's `step` runs a loop over the stages; and the stages that do not enter
+    tableau (`_erk_stages`: a `lax.scan` over the stages that `jax.jacfwd` and reverse
+    mode pass, where diffrax's `step` runs a checkpointed loop that `jax.jacfwd`
+    cannot); and the stages that do not enter
     `y_k` (the first-same-as-last stage of Tsit5, Dopri5, ...; only the error estimate
     and dense output use it) are skipped. Other solvers take their own `init` + `step`
     per inner step. The error estimates and dense output come from `step_outputs`, at
@@ -144,8 +167,8 @@ def step_outputs(solver, make_terms, args, flattener) -> Callable:
     """What an inner step gives besides its end state, at a known end state:
     `(y_{k-1}, y_k, x_k) -> (y_error, dense_info, result)`, as diffrax's `step`
     returns them. Explicit Runge--Kutta steps evaluate every stage of the tableau
-    (the first-same-as-last one included: the dense output uses it) as straight-line
-    code, in the shapes of diffrax's own dense info (`y0`, `y1`, `k` with the stages
+    (the first-same-as-last one included: the dense output uses it) as `flat_step`
+    does, in the shapes of diffrax's own dense info (`y0`, `y1`, `k` with the stages
     on a leading axis); other solvers run diffrax's `init` + `step`."""
     unravel = flattener.unravel
     if not _is_butcher_erk(solver):
@@ -167,7 +190,7 @@ def step_outputs(solver, make_terms, args, flattener) -> Callable:
         ks = stages(y_flat, x)
         zero = jnp.zeros_like(y_flat)
         y_error = unravel(_combine(zero, b_error, ks))
-        k = jax.vmap(unravel)(jnp.stack(ks))
+        k = jax.vmap(unravel)(ks)
         info = dict(y0=unravel(y_flat), y1=unravel(y1_flat), k=k)
         return y_error, info, diffrax.RESULTS.successful
 
@@ -200,7 +223,7 @@ def no_gradient(tree):
 def step_with_info(solver, make_terms, args, flattener) -> Callable:
     """One inner step and its dense info: `(y_{k-1}, x_k) -> (y_k, dense_info)`,
     `y_k` as `flat_step` computes it. Explicit Runge--Kutta steps evaluate every
-    stage as straight-line code (as `step_outputs`); other solvers run diffrax's
+    stage (as `step_outputs`); other solvers run diffrax's
     `init` + `step`."""
     ravel, unravel = flattener.ravel, flattener.unravel
     if not _is_butcher_erk(solver):
@@ -220,7 +243,7 @@ def step_with_info(solver, make_terms, args, flattener) -> Callable:
     def erk_step(y_flat, x):
         ks = stages(y_flat, x)
         y1 = ravel(unravel(_combine(y_flat, b_sol.tolist(), ks[:num_stages])))
-        k = jax.vmap(unravel)(jnp.stack(ks))
+        k = jax.vmap(unravel)(ks)
         return y1, dict(y0=unravel(y_flat), y1=unravel(y1), k=k)
 
     return erk_step

@@ -7,9 +7,19 @@ associative scan in `O(log T)` depth, and its transpose `y_t = b_t + A_{t+1}^T y
 The affine maps `x -> A x + b` compose as
 `(A_2, b_2) ∘ (A_1, b_1) = (A_2 A_1, A_2 b_1 + b_2)`, which is associative; each
 transition structure below stores only what its `A_t` needs.
+
+On a CPU the same solves run as a sequential `lax.scan` of matrix-vector products
+instead: `O(T d²)` work against the associative scan's `O(T d³)`, one small loop
+where the associative scan unrolls `2 log T` levels of distinct shapes (for each of
+which XLA:CPU generates code), and faster on a CPU's few cores at every size measured
+(`T` to `10⁵`, `d` to 64; see `docs/how-it-works.md`). The choice is made by the
+platform at trace time, as `ParallelSolver(window=None)` makes its own.
 """
 
 import abc
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Literal
 
 import equinox as eqx
 import jax
@@ -18,6 +28,27 @@ from jaxtyping import Array, Bool, Float
 
 
 _HIGHEST = jax.lax.Precision.HIGHEST
+
+# `None`: by the platform at trace time; `scan_kind` sets it (for tests).
+_SCAN_KIND: Literal["sequential", "associative"] | None = None
+
+
+@contextlib.contextmanager
+def scan_kind(kind: Literal["sequential", "associative"] | None) -> Iterator[None]:
+    """Trace the solves and `log_growth`s of the transitions with this kind of scan
+    (`None`: sequential on a CPU, associative elsewhere)."""
+    global _SCAN_KIND
+    previous, _SCAN_KIND = _SCAN_KIND, kind
+    try:
+        yield
+    finally:
+        _SCAN_KIND = previous
+
+
+def _sequential() -> bool:
+    if _SCAN_KIND is None:
+        return jax.default_backend() == "cpu"
+    return _SCAN_KIND == "sequential"
 
 
 class AbstractTransition(eqx.Module):
@@ -68,8 +99,11 @@ class AbstractTransition(eqx.Module):
 
 
 def _log_norm_product(matrices: Float[Array, "T d d"]) -> Float[Array, ""]:
-    """`log max_ij |(M_T ⋯ M_1)_ij|`, by rescaled pairwise products."""
+    """`log max_ij |(M_T ⋯ M_1)_ij|`, by rescaled pairwise products (on a CPU, by
+    rescaled products in sequence)."""
     dtype = matrices.dtype
+    if _sequential():
+        return _log_norm_product_sequential(matrices)
     total = jnp.zeros((), dtype)
     while matrices.shape[0] > 1:
         if matrices.shape[0] % 2:
@@ -82,6 +116,22 @@ def _log_norm_product(matrices: Float[Array, "T d d"]) -> Float[Array, ""]:
         safe = jnp.where(scale > 0, scale, 1)
         matrices = matrices / safe[:, None, None]
     return total + jnp.log(jnp.max(jnp.abs(matrices)))
+
+
+def _log_norm_product_sequential(matrices: Float[Array, "T d d"]) -> Float[Array, ""]:
+    """`_log_norm_product` by a `lax.scan`: `P_t = M_t P_{t-1}`, rescaled to largest
+    entry 1 after every product and the logarithms of the scales summed."""
+
+    def body(carry, matrix):
+        product, total = carry
+        product = jnp.matmul(matrix, product, precision=_HIGHEST)
+        scale = jnp.max(jnp.abs(product))
+        safe = jnp.where(scale > 0, scale, 1)
+        return (product / safe, total + jnp.log(scale)), None
+
+    start = (matrices[0], jnp.zeros((), matrices.dtype))
+    (product, total), _ = jax.lax.scan(body, start, matrices[1:])
+    return total + jnp.log(jnp.max(jnp.abs(product)))
 
 
 def _shift_back(a: Array) -> Array:
@@ -110,12 +160,64 @@ def compose_diagonals(
     return a2 * a1, a2 * b1 + b2
 
 
-def _affine_scan(a: Array, b: Array, reverse: bool) -> Array:
-    """`x_t = a_t x_{t-1} + b_t` by an associative scan of the affine maps `(a, b)`
-    (`compose_matrices`); `a` may carry batch axes of blocks after the time
-    axis."""
-    _, x = jax.lax.associative_scan(compose_matrices, (a, b), reverse=reverse)
+def matvec(a: Array, x: Array) -> Array:
+    """`a x` for matrices `a` (with any leading batch axes)."""
+    return jnp.einsum("...ij,...j->...i", a, x, precision=_HIGHEST)
+
+
+def matvec_transpose(a: Array, x: Array) -> Array:
+    """`a^T x` for matrices `a` (with any leading batch axes)."""
+    return jnp.einsum("...ji,...j->...i", a, x, precision=_HIGHEST)
+
+
+def _affine_solve(
+    a: Array,
+    b: Array,
+    reverse: bool,
+    compose: Callable,
+    apply: Callable[[Array, Array], Array],
+    apply_transpose: Callable[[Array, Array], Array],
+    transpose: Callable[[Array], Array],
+) -> Array:
+    """Forward, `x_t = a_t x_{t-1} + b_t` (`x_0 = 0`); in `reverse`, the transpose
+    `y_t = a_{t+1}^T y_{t+1} + b_t` (`y_{T+1} = 0`); along the leading axis of `a`
+    and `b`, which may carry axes of blocks after it. `compose` composes two affine
+    maps `(a, b)`; `apply(a, x)` is `a x`, `apply_transpose(a, x)` is `a^T x` and
+    `transpose(a)` is `a^T`.
+
+    Sequential on a CPU (see the module's docstring): in reverse, the carry is
+    `z_t = a_t^T y_t`, so that the transposes are applied in the loop rather than
+    formed and shifted."""
+    if _sequential():
+        if reverse:
+
+            def body(z, inputs):
+                a_t, b_t = inputs
+                y = z + b_t
+                return apply_transpose(a_t, y), y
+
+        else:
+
+            def body(x, inputs):
+                a_t, b_t = inputs
+                x = apply(a_t, x) + b_t
+                return x, x
+
+        start = jnp.zeros(b.shape[1:], jnp.result_type(a, b))
+        _, x = jax.lax.scan(body, start, (a, b), reverse=reverse)
+        return x
+    if reverse:
+        a = _shift_back(transpose(a))
+    _, x = jax.lax.associative_scan(compose, (a, b), reverse=reverse)
     return x
+
+
+def _affine_scan(a: Array, b: Array, reverse: bool) -> Array:
+    """`_affine_solve` for matrices `a`."""
+    swap = lambda m: jnp.swapaxes(m, -1, -2)
+    return _affine_solve(
+        a, b, reverse, compose_matrices, matvec, matvec_transpose, swap
+    )
 
 
 class DenseTransition(AbstractTransition):
@@ -138,12 +240,7 @@ class DenseTransition(AbstractTransition):
         return jnp.einsum("tji,tj->ti", self.matrices, x, precision=_HIGHEST)
 
     def solve(self, b, reverse=False):
-        if reverse:
-            a = _shift_back(jnp.swapaxes(self.matrices, -1, -2))
-        else:
-            a = self.matrices
-
-        return _affine_scan(a, b, reverse)
+        return _affine_scan(self.matrices, b, reverse)
 
     def as_dense(self):
         return self.matrices
@@ -169,9 +266,11 @@ class DiagonalTransition(AbstractTransition):
         return self.diagonals * x
 
     def solve(self, b, reverse=False):
-        a = _shift_back(self.diagonals) if reverse else self.diagonals
-        _, x = jax.lax.associative_scan(compose_diagonals, (a, b), reverse=reverse)
-        return x
+        times = lambda a, x: a * x
+        same = lambda a: a
+        return _affine_solve(
+            self.diagonals, b, reverse, compose_diagonals, times, times, same
+        )
 
     def as_dense(self):
         return jax.vmap(jnp.diag)(self.diagonals)
@@ -218,12 +317,7 @@ class BlockDiagonalTransition(AbstractTransition):
         return out.reshape(x.shape)
 
     def solve(self, b, reverse=False):
-        if reverse:
-            a = _shift_back(jnp.swapaxes(self.blocks, -1, -2))
-        else:
-            a = self.blocks
-
-        return _affine_scan(a, self._blocked(b), reverse).reshape(b.shape)
+        return _affine_scan(self.blocks, self._blocked(b), reverse).reshape(b.shape)
 
     def as_dense(self):
         length, num_blocks, size, _ = self.blocks.shape
