@@ -31,6 +31,8 @@ SOLVERS = {
     "euler_heun": (diffrax.EulerHeun, "multiplicative"),
     # Stochastic Runge--Kutta for additive noise: needs the space-time Lévy area.
     "sea": (diffrax.SEA, "additive"),
+    # Steps over each half of its step too: those need their own increments.
+    "half_euler": (lambda: diffrax.HalfSolver(diffrax.Euler()), "multiplicative"),
 }
 
 
