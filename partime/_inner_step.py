@@ -42,9 +42,7 @@ def with_bounded_scan(solver: diffrax.AbstractSolver) -> diffrax.AbstractSolver:
 
 @functools.cache
 def _every_stage_cls(cls: type) -> type:
-    tableau = dataclasses.replace(
-        cls.tableau, ignore_stage_f=None, ignore_stage_g=None
-    )
+    tableau = dataclasses.replace(cls.tableau, ignore_stage_f=None, ignore_stage_g=None)
     return type(cls.__name__, (cls,), {"tableau": tableau, "__module__": __name__})
 
 
