@@ -61,10 +61,23 @@ def _map_stochastic(terms, contr_kwargs, fn):
     return terms
 
 
-def store_increments(terms, contr_kwargs, ts):
+def _controls_whole_steps(solver) -> bool:
+    """Whether `solver.step` asks its terms for the control over the whole step only.
+    A wrapped solver (`diffrax.HalfSolver`) also steps over each half of the step, and
+    the halves need their own increments."""
+    # `type(...)`, not `isinstance`: diffrax forwards `isinstance` through wrappers.
+    return not issubclass(type(solver), diffrax.AbstractWrappedSolver)
+
+
+def store_increments(terms, solver, ts):
     """Every Brownian increment of the window, computed once and vectorised over the
     inner steps; and the function that rebuilds the terms of one inner step from its
-    slice of them."""
+    slice of them. For a `solver` that asks for controls over parts of a step
+    (`HalfSolver`), nothing is stored: each inner step evaluates the Brownian motion
+    itself, as in a sequential solve."""
+    if not _controls_whole_steps(solver):
+        return [], lambda _: terms
+    contr_kwargs = solver.term_compatible_contr_kwargs
     increments = []
 
     def compute(leaf, kwargs):

@@ -1,6 +1,8 @@
 """One inner step of a `partime.ParallelSolver` window as a map on flat states, and
 the first iterate of a window's iteration."""
 
+import dataclasses
+import functools
 from collections.abc import Callable
 
 import diffrax
@@ -31,10 +33,32 @@ def with_bounded_scan(solver: diffrax.AbstractSolver) -> diffrax.AbstractSolver:
     if issubclass(type(solver), diffrax.AbstractSRK):
         # SRK stages run through `equinox.internal.scan`, which has no "bounded"
         # kind; its "lax" kind is a `lax.scan`, which passes both modes.
-        return eqx.tree_at(
+        solver = eqx.tree_at(
             lambda s: s.scan_kind, solver, "lax", is_leaf=lambda x: x is None
         )
+        return _every_stage(solver)
     return solver
+
+
+@functools.cache
+def _every_stage_cls(cls: type) -> type:
+    tableau = dataclasses.replace(cls.tableau, ignore_stage_f=None, ignore_stage_g=None)
+    return type(cls.__name__, (cls,), {"tableau": tableau, "__module__": __name__})
+
+
+def _every_stage(solver: diffrax.AbstractSRK) -> diffrax.AbstractSRK:
+    """An SRK solver whose tableau skips stages (`ignore_stage_f`/`_g`: `SlowRK`,
+    `GeneralShARK`) as one that evaluates them all: the same numbers (their
+    coefficients are zero), without diffrax's `nonbatchable` stage test. Under
+    `jax.vmap` the window's `lax.cond`s batch every array of the step, and that test
+    then raised "Unexpected batch tracer"."""
+    tableau = type(solver).tableau
+    if tableau.ignore_stage_f is None and tableau.ignore_stage_g is None:
+        return solver
+    new = object.__new__(_every_stage_cls(type(solver)))
+    for field in dataclasses.fields(solver):
+        object.__setattr__(new, field.name, getattr(solver, field.name))
+    return new
 
 
 def with_portable_lu(solver: diffrax.AbstractSolver) -> diffrax.AbstractSolver:

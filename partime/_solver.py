@@ -559,9 +559,7 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
         y0_flat = ravel(y0)
         solver = with_portable_lu(with_bounded_scan(self.solver))
         ts = inner_grid(t0, t1, self.num_steps)
-        increments, make_terms = store_increments(
-            terms, solver.term_compatible_contr_kwargs, ts
-        )
+        increments, make_terms = store_increments(terms, solver, ts)
         xs = (ts[:-1], ts[1:], increments)
 
         # Traced once here: every later use (first guess, the iteration, its

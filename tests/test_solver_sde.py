@@ -31,6 +31,10 @@ SOLVERS = {
     "euler_heun": (diffrax.EulerHeun, "multiplicative"),
     # Stochastic Runge--Kutta for additive noise: needs the space-time Lévy area.
     "sea": (diffrax.SEA, "additive"),
+    # Steps over each half of its step too: those need their own increments.
+    "half_euler": (lambda: diffrax.HalfSolver(diffrax.Euler()), "multiplicative"),
+    # Its tableau skips some stages' vector fields (`ignore_stage_f`/`_g`).
+    "slow_rk": (diffrax.SlowRK, "multiplicative"),
 }
 
 
@@ -141,6 +145,16 @@ def test_sde_gradients(name):
     _assert_close(grads, ref, RTOL_GRAD, atol=1e-9)
     for g in jax.tree_util.tree_leaves(grads):
         assert np.all(np.asarray(g) != 0)
+
+
+def test_sde_vmap():
+    # diffrax's stage-skipping test (`nonbatchable`) raised "Unexpected batch tracer"
+    # under `jax.vmap` (diffrax's `test_sde_strong_order_new` with `SlowRK`).
+    y0s = np.stack([_Y0, 2 * _Y0])
+    solve = lambda parallel: jax.vmap(
+        lambda y0: _solve(y0, _ARGS, name="slow_rk", parallel=parallel)
+    )(y0s)
+    _assert_close(solve(True), solve(False), RTOL_Y)
 
 
 def test_unsafe_brownian_path():
