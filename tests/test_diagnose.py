@@ -57,16 +57,15 @@ def test_differential_equation(field, y0, kind):
 
 
 def test_automatic_window_chosen():
-    """Newton gives up over the whole sequence of this contracting RNN (its
-    Jacobians expand near rest); the automatic window narrows and converges, and
-    the diagnosis recommends the width it chose."""
+    """This contracting RNN's Jacobians expand near rest, so Newton's updates are
+    rejected at first; the hopeless test now waits for the trust horizon to grow,
+    so the automatic window converges over the whole sequence without narrowing
+    and without the fallback, and the diagnosis reports that width."""
     f, init, xs = expanding_rnn(200)
     diagnosis = partime.diagnose(f, init, xs)
     assert diagnosis.kind == "predictable" and not diagnosis.fell_back
     assert diagnosis.lyapunov < 0 and diagnosis.num_steps == 200
-    assert 200 // 64 <= diagnosis.window < 200
-    assert f"window={diagnosis.window}" in diagnosis.recommendation
-    assert f"automatic window: {diagnosis.window} steps" in str(diagnosis)
+    assert diagnosis.window == 200
 
 
 def test_bad_calls():
