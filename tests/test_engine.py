@@ -283,7 +283,7 @@ def test_lyapunov_estimate_after_fallback():
     with gain 1.5 that contracts along its trajectory, but whose Jacobians expand
     near rest (where the iterate is held past the prefix), it matches the QR
     estimate along `lax.scan`'s first 100 steps in every layout. Given up with fewer
-    than 8 steps converged (Newton from rest), there is no estimate."""
+    than 8 steps converged (one Newton iteration from rest), there is no estimate."""
     exact_steps = 100
     f, init, xs = expanding_rnn(200)
     _, exact = jax.lax.scan(f, init, xs)
@@ -304,9 +304,7 @@ def test_lyapunov_estimate_after_fallback():
         stats["whole"] = partime.fixed_point_solve(step, init, xs, capped, guess=guess)[
             1
         ]
-        stats["from rest"] = partime.fixed_point_solve(
-            step, init, xs, partime.Newton()
-        )[1]
+        stats["from rest"] = partime.fixed_point_solve(step, init, xs, capped)[1]
         return stats
 
     stats = solve()
