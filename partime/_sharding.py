@@ -36,6 +36,7 @@ from ._lds import (
     DenseTransition,
     DiagonalTransition,
     IdentityTransition,
+    scan_kind,
     ZeroTransition,
 )
 
@@ -95,7 +96,10 @@ def filter_shard_map(
         dynamic, static = eqx.partition(args, eqx.is_array)
 
         def inner(*dynamic):
-            return fn(*eqx.combine(dynamic, static))
+            # The sequential CPU solve's carry is not device-varying, which
+            # `shard_map` refuses: inside it, solves are associative scans.
+            with scan_kind("associative"):
+                return fn(*eqx.combine(dynamic, static))
 
         return jax.shard_map(
             inner,
