@@ -384,11 +384,14 @@ def iterate(
         def go_on():
             sched, moved, shift = schedule.advance(schedule_state, states, settled)
             head, xs_now, scale_now = schedule.in_flight(sched, init, xs, scale)
-            f, transition = method.linearise(step, layout.previous(head, moved), xs_now)
+            prev = layout.previous(head, moved)
             if schedule.moves:
-                # New steps entered: their residuals (and the merit) are new.
+                # New steps entered: their transitions, residuals (and the merit)
+                # are new.
+                f, transition = method.linearise(step, prev, xs_now)
                 measured = measure(moved, f, scale_now)
             else:
+                f, transition = method.relinearise(step, prev, xs_now, carry.transition)
                 measured = (residual, merit, prefix)
             return (sched, moved, transition, *measured, settled - shift, shift)
 

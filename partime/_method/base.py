@@ -107,6 +107,20 @@ class AbstractMethod(eqx.Module):
         **Returns:** `(f, transition)`.
         """
 
+    def relinearise(
+        self,
+        step: Step,
+        prev: Float[Array, "T d"],
+        xs: PyTree[Any],
+        transition: AbstractTransition,
+    ) -> tuple[Float[Array, "T d"], AbstractTransition]:
+        """`linearise` at an iterate after the first, given the transitions of the
+        last linearisation (of the same steps). A method may keep them where
+        recomputing costs more than it saves: they only precondition the update;
+        the residual decides convergence. By default: afresh."""
+        del transition
+        return self.linearise(step, prev, xs)
+
     def tolerances(self, dtype: Any) -> tuple[float, float]:
         """`(rtol, atol)`, with defaults filled in for `dtype`."""
         default = default_tolerance(dtype)
