@@ -391,7 +391,9 @@ def iterate(
                 f, transition = method.linearise(step, prev, xs_now)
                 measured = measure(moved, f, scale_now)
             else:
-                f, transition = method.relinearise(step, prev, xs_now, carry.transition)
+                f, transition = method.relinearise(
+                    step, prev, xs_now, carry.transition, policy
+                )
                 measured = (residual, merit, prefix)
             return (sched, moved, transition, *measured, settled - shift, shift)
 

@@ -387,3 +387,85 @@ def test_parallel_solver_block_diagonal_ode():
     np.testing.assert_allclose(ys, ref_ys, rtol=1e-8, atol=1e-10)
     assert max_rel_error(grads, ref_grads) < 1e-7
     assert all(jnp.all(g != 0) for g in jax.tree.leaves(grads))
+
+
+#
+# QuasiNewton's diagonal: kept from the first iterate (default) or refreshed.
+#
+
+
+def test_quasi_newton_keeps_first_diagonal(exact_jacobians):
+    """After the first iterate QuasiNewton recomputes its diagonal where `refresh`
+    says so (always; never; `"auto"`: when the policy's flag is set), otherwise it
+    evaluates the steps and keeps the diagonal; under `vmap`, member by member."""
+    params, xs, jacobians = exact_jacobians
+    prev, expected = jacobians["dense"]
+    step = lambda h, x: dense_cell(params, h, x)[0]
+    exact = jnp.diagonal(expected, axis1=-2, axis2=-1)
+    stale = partime.DiagonalTransition(jnp.zeros((T, D)))
+    horizon = jnp.asarray(T, jnp.int32)
+
+    def relinearise(refresh, flag):
+        method = partime.QuasiNewton(refresh=refresh)
+        f, transition = method.relinearise(step, prev, xs, stale, (horizon, flag))
+        return f, transition.diagonals
+
+    for refresh, flag, diagonal in [
+        (True, False, exact),
+        (False, True, stale.diagonals),
+        ("auto", False, stale.diagonals),
+        ("auto", True, exact),
+    ]:
+        f, got = jax.jit(relinearise, static_argnums=0)(refresh, jnp.asarray(flag))
+        np.testing.assert_allclose(f, jax.vmap(step)(prev, xs), atol=1e-14)
+        np.testing.assert_allclose(got, diagonal, atol=1e-14)
+    _, got = jax.jit(jax.vmap(lambda flag: relinearise("auto", flag)))(
+        jnp.array([True, False])
+    )
+    np.testing.assert_allclose(got[0], exact, atol=1e-14)
+    np.testing.assert_allclose(got[1], stale.diagonals, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+def test_quasi_newton_refresh_exact(dtype):
+    """Whatever `refresh`, the values equal `jax.lax.scan`'s; in float64 the
+    default's also under `vmap`, and its gradient (the derivative does not depend
+    on `refresh`). Keeping the diagonal costs at most a few iterations here (dense
+    cell, T = 200)."""
+    params = _params(dtype)
+    xs, h0 = _inputs(dtype)
+    inits = jnp.stack([h0, -h0])
+    float64 = dtype == jnp.float64
+    refreshes = (True, "auto", False)
+
+    @jax.jit
+    def run(params, xs, h0):
+        step = lambda h, x: dense_cell(params, h, x)
+        scans = [
+            partime.scan(
+                step, h0, xs, method=partime.QuasiNewton(refresh=r), return_stats=True
+            )
+            for r in refreshes
+        ]
+        out = [scans, jax.lax.scan(step, h0, xs)]
+        if float64:
+            for scan in (_partime(partime.QuasiNewton()), _lax):
+                out.append(jax.vmap(lambda h: scan(step, h, xs)[1])(inits))
+                grad = jax.grad(_loss, argnums=(2, 3, 4))
+                out.append(grad(scan, dense_cell, params, xs, h0))
+        return out
+
+    scans, reference, *checks = run(params, xs, h0)
+    for *out, stats in scans:
+        assert max_rel_error(out, reference) < (1e-10 if float64 else 1e-5)
+        assert int(stats.num_sequential_steps) == 0
+    if float64:
+        batched, grads, ref_batched, ref_grads = checks
+        assert max_rel_error(batched, ref_batched) < 1e-10
+        assert max_rel_error(grads, ref_grads) < 1e-8
+    iterations = {
+        refresh: int(stats.num_iterations)
+        for refresh, (*_, stats) in zip(refreshes, scans)
+    }
+    assert 1 < iterations[True] <= iterations["auto"] <= iterations[True] + 2
+    assert iterations[True] <= iterations[False] <= iterations[True] + 2

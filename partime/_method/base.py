@@ -113,12 +113,14 @@ class AbstractMethod(eqx.Module):
         prev: Float[Array, "T d"],
         xs: PyTree[Any],
         transition: AbstractTransition,
+        policy: PyTree,
     ) -> tuple[Float[Array, "T d"], AbstractTransition]:
-        """`linearise` at an iterate after the first, given the transitions of the
-        last linearisation (of the same steps). A method may keep them where
-        recomputing costs more than it saves: they only precondition the update;
-        the residual decides convergence. By default: afresh."""
-        del transition
+        """`linearise` at an accepted iterate after the first, given the transitions
+        of the last linearisation (of the same steps) and the policy's state after
+        `judge`. A method may keep the transitions where recomputing them costs
+        more than it saves: they only precondition the update; the residual decides
+        convergence. By default: afresh."""
+        del transition, policy
         return self.linearise(step, prev, xs)
 
     def tolerances(self, dtype: Any) -> tuple[float, float]:

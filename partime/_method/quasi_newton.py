@@ -1,11 +1,18 @@
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
 
 from .._jacobian import AbstractJacobian, check_probes, Dense
 from .._lds import DiagonalTransition
 from .base import AbstractMethod
+
+
+# `refresh="auto"`: the diagonal is recomputed after an accepted update that reduced
+# the merit less than `1 / _STALL`-fold.
+_STALL = 0.5
 
 
 class QuasiNewton(AbstractMethod):
@@ -70,7 +77,7 @@ class QuasiNewton(AbstractMethod):
     transitions_are_jacobians: ClassVar[bool] = False
     jacobian_batch_size: int | None = eqx.field(static=True, default=None)
     diagonal_probes: int | None = eqx.field(static=True, default=None)
-    refresh: bool = eqx.field(static=True, default=False)
+    refresh: bool | Literal["auto"] = eqx.field(static=True, default="auto")
 
     @property
     def default_max_iters(self):
@@ -82,12 +89,83 @@ class QuasiNewton(AbstractMethod):
         )
         return f, DiagonalTransition(diagonal)
 
-    def relinearise(self, step, prev, xs, transition):
-        """Keeps the diagonal of the first iterate unless `refresh`: the steps are
-        evaluated, no Jacobian-vector product."""
-        if self.refresh:
+    def init_policy(self, length, dtype):
+        """The trust horizon, and whether to recompute the diagonal."""
+        return super().init_policy(length, dtype), jnp.asarray(False)
+
+    def cut(self, layout, prefix, policy):
+        return super().cut(layout, prefix, policy[0])
+
+    def judge(self, layout, policy, *, old_merit, merit, **kwargs):
+        accept, horizon = super().judge(
+            layout, policy[0], old_merit=old_merit, merit=merit, **kwargs
+        )
+        return accept, (horizon, merit > _STALL * old_merit)
+
+    def relinearise(self, step, prev, xs, transition, policy):
+        """Recomputes the diagonal if `refresh` says so; otherwise evaluates the
+        steps and keeps it (no Jacobian-vector product)."""
+        if self.refresh is True:
             return self.linearise(step, prev, xs)
-        return jax.vmap(step)(prev, xs), transition
+        if self.refresh is False:
+            return jax.vmap(step)(prev, xs), transition
+        return _refresh_if(policy[1], self, step, prev, xs, transition)
 
     def __check_init__(self):
         check_probes(self.diagonal_probes)
+        if self.refresh not in (True, False, "auto"):
+            raise ValueError(
+                f"`refresh` must be True, False or 'auto', got {self.refresh!r}."
+            )
+
+
+def _refresh_if(stale, method, step, prev, xs, transition):
+    """`method.linearise` if `stale`, else the steps and the old `transition`. Under
+    `vmap` the diagonal is recomputed, for the members whose flag is set, only when
+    some flag is set (a batched `lax.cond` would compute it at every call)."""
+    # Closure-converted, so that the custom rule below closes over no array (the
+    # constants that a batched loop body hoists are batched).
+    fresh = eqx.filter_closure_convert(
+        lambda prev, xs: method.linearise(step, prev, xs)[1], prev, xs
+    )
+    kept = eqx.filter_closure_convert(
+        lambda prev, xs: jax.vmap(step)(prev, xs), prev, xs
+    )
+    fresh_arrays, fresh_static = eqx.partition(fresh, eqx.is_array)
+    kept_arrays, kept_static = eqx.partition(kept, eqx.is_array)
+
+    @jax.custom_batching.custom_vmap
+    def relinearise(stale, fresh_arrays, kept_arrays, prev, xs, transition):
+        f = eqx.combine(kept_arrays, kept_static)(prev, xs)
+        new = jax.lax.cond(
+            stale,
+            lambda: eqx.combine(fresh_arrays, fresh_static)(prev, xs),
+            lambda: transition,
+        )
+        return f, new
+
+    @relinearise.def_vmap
+    def _relinearise_batched(axis_size, in_batched, *args):
+        def broadcast(x, batched):
+            return x if batched else jnp.broadcast_to(x, (axis_size, *jnp.shape(x)))
+
+        args = jtu.tree_map(broadcast, list(args), list(in_batched))
+        stale, fresh_arrays, kept_arrays, prev, xs, transition = args
+        f = jax.vmap(lambda a, p, x: eqx.combine(a, kept_static)(p, x))(
+            kept_arrays, prev, xs
+        )
+
+        def refreshed():
+            new = jax.vmap(lambda a, p, x: eqx.combine(a, fresh_static)(p, x))(
+                fresh_arrays, prev, xs
+            )
+            pick = lambda a, b: jnp.where(
+                jnp.reshape(stale, (axis_size,) + (1,) * (a.ndim - 1)), a, b
+            )
+            return jtu.tree_map(pick, new, transition)
+
+        new = jax.lax.cond(jnp.any(stale), refreshed, lambda: transition)
+        out = (f, new)
+        return out, jtu.tree_map(lambda _: True, out)
+
+    return relinearise(stale, fresh_arrays, kept_arrays, prev, xs, transition)
