@@ -7,7 +7,8 @@ solver (Tsit5 or Euler). diffrax steps sequentially on that grid;
 (`dt0 = t1 - t0`).
 
 `--methods` picks the fixed-point methods (default `Newton`; `QuasiNewton`,
-`QuasiNewton-probes8` = `QuasiNewton(diagonal_probes=8)`). `--block k` (neural only)
+`QuasiNewton-probes8` = `QuasiNewton(diagonal_probes=8)`, `QuasiNewton-refresh` =
+`QuasiNewton(refresh=True)`). `--block k` (neural only)
 makes the vector field `d / k` independent MLPs (width 16, depth 2) on consecutive
 groups of `k` components, so that the Jacobian of every Runge–Kutta step is
 block-diagonal with `k x k` blocks; the method `Newton-block` is then
@@ -152,6 +153,7 @@ METHODS = {
         jacobian=partime.BlockDiagonal(k)
     ),
     "QuasiNewton-probes8": lambda k: partime.QuasiNewton(diagonal_probes=8),
+    "QuasiNewton-refresh": lambda k: partime.QuasiNewton(refresh=True),
 }
 
 

@@ -8,8 +8,11 @@ weights are block-diagonal with `k x k` blocks (as in ParaRNN's cells), so that 
 step's Jacobian is too, and the structured methods run: `Newton-block`
 (`Newton(jacobian=BlockDiagonal(k))`, exact Newton from `k` products per step) and
 `QuasiNewton-block`. `QuasiNewton-probes8` is `QuasiNewton(diagonal_probes=8)` (the
-diagonal of a dense Jacobian estimated from 8 coloured products instead of `d`). For
-every `(d, T, method)` row the script
+diagonal of a dense Jacobian estimated from 8 coloured products instead of `d`);
+`QuasiNewton-refresh` and `QuasiNewton-keep` are `QuasiNewton(refresh=True)` (the
+diagonal recomputed at every iteration) and `refresh=False` (kept from the first
+iterate), against the default `refresh="auto"`. For every `(d, T, method)` row the
+script
 
 1. checks the values (final carry and outputs) and the gradient of
    `loss = sum(outputs)` with respect to the GRU parameters (closed over by the step
@@ -82,6 +85,8 @@ METHODS = {
         jacobian=partime.BlockDiagonal(k)
     ),
     "QuasiNewton-probes8": lambda k: partime.QuasiNewton(diagonal_probes=8),
+    "QuasiNewton-refresh": lambda k: partime.QuasiNewton(refresh=True),
+    "QuasiNewton-keep": lambda k: partime.QuasiNewton(refresh=False),
     "Picard": lambda k: partime.Picard(),
     "Jacobi": lambda k: partime.Jacobi(),
 }
@@ -397,6 +402,7 @@ HEADER = [
     "grad err",
     "lax fwd ms",
     "fwd ms",
+    "fwd ms / iter",
     "fwd speed-up",
     "lax grad ms",
     "grad ms",
@@ -437,6 +443,9 @@ def table_row(row: dict[str, Any]) -> list[str]:
         _fmt_err(grad.get("error")),
         _fmt_ms(row["lax_forward"].get("median_s")),
         _fmt_ms(fwd.get("median_s")),
+        _fmt_ms(
+            fwd["median_s"] / iterations if fwd.get("median_s") and iterations else None
+        ),
         _fmt_ratio(fwd.get("speedup")),
         _fmt_ms(row["lax_gradient"].get("median_s")),
         _fmt_ms(grad.get("median_s")),
@@ -459,7 +468,8 @@ def markdown_report(payload: dict[str, Any]) -> str:
         f"commit {env['git_commit']}; load average at start/end "
         f"{_fmt_load(loads[0])} / {_fmt_load(loads[1])}"
         + (" (more busy threads than CPUs: the timings are noisy)" if busy else "")
-        + f"; {payload['wall_s']:.0f} s in all. Times in ms (median after warm-up); "
+        + f"; {payload['wall_s']:.0f} s in all. Times in ms (median after warm-up; "
+        "per iteration: the forward time over the iterations); "
         "speed-up = lax.scan time / partime time; errors are max |partime - lax| / "
         f"max |lax| (WRONG above {settings['value_tolerance']:g} for values, "
         f"{settings['gradient_tolerance']:g} for gradients); memory from "

@@ -22,9 +22,10 @@ class QuasiNewton(AbstractMethod):
     the price of more iterations (linear rather than quadratic convergence). The
     diagonal is computed by forward-mode products: `d` per step for a dense
     Jacobian (`jacobian_batch_size` at a time; or `diagonal_probes` for an
-    estimate), `k` for a declared block-diagonal one, one for a diagonal one. It is
-    computed once, at the first iterate, and kept (unless `refresh`): an iteration
-    then costs one evaluation of every step besides the scan.
+    estimate), `k` for a declared block-diagonal one, one for a diagonal one. By
+    default it is computed at the first iterate and recomputed only after an
+    iteration that did not halve the merit `½ Σ_t ‖r_t‖²` (`refresh`): an
+    iteration that keeps it costs one evaluation of every step besides the scan.
 
     **Arguments:** `rtol`, `atol`, `max_iters` (default 200), `fallback`; see
     [`partime.AbstractMethod`][]; and
@@ -45,15 +46,15 @@ class QuasiNewton(AbstractMethod):
         answer is exact regardless (the diagonal only preconditions the
         iteration), but a poor estimate costs iterations: measure
         `stats.num_iterations` before and after.
-    - `refresh`: recompute the diagonal at every iterate, as quasi-DEER does
-        (`False`, default: keep the first iterate's). The diagonal only
-        preconditions the update, so either answer is exact; a fresh diagonal can
-        save iterations when the first iterate is far from the solution, but costs
-        the diagonal's products at every iteration. On a GRU with `d = 64` keeping
-        it took 9 iterations instead of 8 at a quarter of the time; on the
-        convergence study's RNNs and ODEs (`d ≤ 8`) up to 1.2x the iterations, never
-        more time. (With a sliding window, `window=W`, it is recomputed whenever the
-        window moves.)
+    - `refresh`: when to recompute the diagonal after the first iterate: `"auto"`
+        (default) after an accepted update that reduced the merit less than
+        2-fold, `True` at every iterate (quasi-DEER as published), `False` never.
+        The diagonal only preconditions the update and the residual decides
+        convergence, so the answer is exact in every case; a kept diagonal costs
+        iterations only where the iterate moves far from where it was computed.
+        Under `vmap` the diagonal is recomputed only when some member asks for it.
+        (With a sliding window, `window=W`, it is recomputed whenever the window
+        moves.) See "Choosing a method" for measurements.
 
     ??? cite "Reference"
 
