@@ -315,6 +315,12 @@ def test_bad_diagonal_probes(probes):
             method(diagonal_probes=probes)
 
 
+@pytest.mark.parametrize("refresh", [1, "always", None])
+def test_bad_refresh(refresh):
+    with pytest.raises(ValueError, match="refresh"):
+        partime.QuasiNewton(refresh=refresh)
+
+
 def test_bad_block_size():
     with pytest.raises(ValueError, match="block_size"):
         partime.BlockDiagonal(0)

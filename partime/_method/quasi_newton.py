@@ -114,7 +114,7 @@ class QuasiNewton(AbstractMethod):
 
     def __check_init__(self):
         check_probes(self.diagonal_probes)
-        if self.refresh not in (True, False, "auto"):
+        if not (isinstance(self.refresh, bool) or self.refresh == "auto"):
             raise ValueError(
                 f"`refresh` must be True, False or 'auto', got {self.refresh!r}."
             )
