@@ -225,10 +225,10 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
     `num_steps` equal steps of the inner `solver`. The window's steps are written as one
     nonlinear system `y_k = step(y_{k-1})`, `k = 1..num_steps`, and solved all at once
     by `method` (a fixed-point iteration whose linear part is a parallel associative
-    scan), so that the cost grows like `log(num_steps)` in depth instead of
-    `num_steps`. The result is the inner solver's own solution on that grid, to the
-    iteration's tolerance; a window whose iteration does not converge within its cap is
-    finished exactly by a sequential pass from its converged prefix.
+    scan on an accelerator), so that the cost grows like `log(num_steps)` in depth
+    instead of `num_steps`. The result is the inner solver's own solution on that grid,
+    to the iteration's tolerance; a window whose iteration does not converge within its
+    cap is finished exactly by a sequential pass from its converged prefix.
 
     The default `method` is [`partime.Newton`][] with its defaults: in the
     convergence study (`benchmarks/convergence.py`) it needed the fewest iterations
@@ -372,6 +372,8 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
         `ShARK`, `SRA1`, ...). Every Brownian increment of a window (with its Lévy
         area where the solver needs it) is computed once, vectorised over the inner
         steps, before the iteration; each inner step is then a deterministic map.
+        (A wrapped solver such as `diffrax.HalfSolver` also steps over each half of
+        an inner step: its inner steps evaluate the Brownian motion themselves.)
         With `diffrax.VirtualBrownianTree` the solution is that of the sequential
         inner solver on the same grid with the same Brownian motion.
         `diffrax.UnsafeBrownianPath` draws each increment from a key derived from the
