@@ -16,6 +16,7 @@ import jax.tree_util as jtu
 # `AdjointTerm` only to reject `BacksolveAdjoint`.
 from diffrax._root_finder import use_stepsize_tol
 from diffrax._term import AdjointTerm
+from equinox.internal import unvmap_all
 from jax.sharding import Mesh
 from jaxtyping import Array, Float, Int, PyTree
 
@@ -35,7 +36,7 @@ from ._inner_step import (
 )
 from ._method.base import AbstractMethod
 from ._method.newton import Newton
-from ._misc import as_count
+from ._misc import as_count, batch_where
 from ._window_interpolation import inner_grid, window_interpolation_cls
 
 
@@ -614,15 +615,19 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
             give_up = growth > _CHAOTIC
         if candidates:
             # Where the iteration starts, never the answer: no gradient.
-            guess = jax.lax.cond(
-                give_up,
-                lambda: jnp.broadcast_to(
-                    no_gradient(y0_flat), (self.num_steps, y0_flat.shape[0])
-                ),
-                lambda: best_guess(
-                    flat_step, y0_flat, xs, [make() for make in candidates]
-                ),
+            flat = lambda: jnp.broadcast_to(
+                no_gradient(y0_flat), (self.num_steps, y0_flat.shape[0])
             )
+
+            def best():
+                guesses = [make() for make in candidates]
+                best = best_guess(flat_step, y0_flat, xs, guesses)
+                # Under `jax.vmap`, the problems of the batch that give up keep `flat`.
+                return batch_where(~give_up, best, flat())
+
+            # Unbatched under `jax.vmap`: the candidates are skipped only if every
+            # problem of the batch gives up.
+            guess = jax.lax.cond(unvmap_all(give_up), flat, best)
         else:
             guess = None
         # A sliding window of `window` inner steps moves through this one, or the

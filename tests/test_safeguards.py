@@ -243,6 +243,13 @@ def test_vmap_mixed_batch(references):
     expected = jax.vmap(lambda i: jax.lax.scan(cell, i, xs))(inits)
     assert max_rel_error((final, ys), expected) < 1e-8
     assert bool(stats.fell_back[0]) and not bool(stats.fell_back[1])
+    # Each member runs as it would alone: the batch's conds take each member's own
+    # branch (iterations, fallback, estimate).
+    for k in range(2):
+        *_, alone = partime.scan(cell, inits[k], xs, return_stats=True)
+        for name in ("num_iterations", "num_sequential_steps", "window"):
+            assert int(getattr(stats, name)[k]) == int(getattr(alone, name)), name
+        assert jnp.allclose(stats.lyapunov[k], alone.lyapunov, equal_nan=True)
 
 
 # The same safeguards through `ParallelSolver`: one window of Tsit5 steps from a flat
