@@ -19,10 +19,12 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+from equinox.internal import unvmap_all, unvmap_any
 from jaxtyping import Array, Bool, Float, Int, PyTree
 
 from ._lds import AbstractTransition
 from ._method.base import AbstractMethod
+from ._misc import batch_where
 from ._stats import count, RESULTS, Stats
 
 
@@ -402,8 +404,16 @@ def iterate(
             kept = (schedule_state, states, carry.transition, residual, merit)
             return (*kept, prefix, settled, zero)
 
+        # The predicate is unbatched under `jax.vmap` (any problem of the batch goes
+        # on), so that the cond stays a cond: a batched one would evaluate both
+        # branches, and linearise after every last iteration. The problems of the
+        # batch that stop keep `stop`'s values.
         sched, states, transition, residual, merit, prefix, settled, shift = (
-            jax.lax.cond(goes_on, go_on, stop)
+            jax.lax.cond(
+                unvmap_any(goes_on),
+                lambda: batch_where(goes_on, go_on(), stop()),
+                stop,
+            )
         )
         return _Carry(
             iteration=iteration,
@@ -440,7 +450,9 @@ def iterate(
         placeholder = jtu.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
         return jax.vmap(step)(prev, xs_now), placeholder
 
-    f, transition = jax.lax.cond(give_up, evaluate, linearise)
+    # Unbatched under `jax.vmap`: the Jacobians are skipped only if every problem of
+    # the batch gives up (the residuals are the same either way).
+    f, transition = jax.lax.cond(unvmap_all(give_up), evaluate, linearise)
     residual, merit, prefix = measure(states, f, scale_now)
     carry = _Carry(
         iteration=count(0),

@@ -44,7 +44,8 @@ def scan(
 
     The carries `c_1..c_T` of the recurrence `(c_t, y_t) = f(c_{t-1}, x_t)` are found
     all at once, as the solution of the nonlinear system `c_t - f(c_{t-1}, x_t)[0] = 0`,
-    by the iterations of `method`, each an associative scan of depth `O(log T)`. The
+    by the iterations of `method`, each a linear solve of depth `O(log T)` on an
+    accelerator (an associative scan; on a CPU a sequential scan, which is cheaper). The
     outputs `y_t` are then evaluated in parallel from the carries.
 
     **Arguments:**

@@ -16,6 +16,7 @@ import jax.tree_util as jtu
 # `AdjointTerm` only to reject `BacksolveAdjoint`.
 from diffrax._root_finder import use_stepsize_tol
 from diffrax._term import AdjointTerm
+from equinox.internal import unvmap_all
 from jax.sharding import Mesh
 from jaxtyping import Array, Float, Int, PyTree
 
@@ -35,7 +36,7 @@ from ._inner_step import (
 )
 from ._method.base import AbstractMethod
 from ._method.newton import Newton
-from ._misc import as_count
+from ._misc import as_count, batch_where
 from ._window_interpolation import inner_grid, window_interpolation_cls
 
 
@@ -225,10 +226,10 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
     `num_steps` equal steps of the inner `solver`. The window's steps are written as one
     nonlinear system `y_k = step(y_{k-1})`, `k = 1..num_steps`, and solved all at once
     by `method` (a fixed-point iteration whose linear part is a parallel associative
-    scan), so that the cost grows like `log(num_steps)` in depth instead of
-    `num_steps`. The result is the inner solver's own solution on that grid, to the
-    iteration's tolerance; a window whose iteration does not converge within its cap is
-    finished exactly by a sequential pass from its converged prefix.
+    scan on an accelerator), so that the cost grows like `log(num_steps)` in depth
+    instead of `num_steps`. The result is the inner solver's own solution on that grid,
+    to the iteration's tolerance; a window whose iteration does not converge within its
+    cap is finished exactly by a sequential pass from its converged prefix.
 
     The default `method` is [`partime.Newton`][] with its defaults: in the
     convergence study (`benchmarks/convergence.py`) it needed the fewest iterations
@@ -372,6 +373,8 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
         `ShARK`, `SRA1`, ...). Every Brownian increment of a window (with its Lévy
         area where the solver needs it) is computed once, vectorised over the inner
         steps, before the iteration; each inner step is then a deterministic map.
+        (A wrapped solver such as `diffrax.HalfSolver` also steps over each half of
+        an inner step: its inner steps evaluate the Brownian motion themselves.)
         With `diffrax.VirtualBrownianTree` the solution is that of the sequential
         inner solver on the same grid with the same Brownian motion.
         `diffrax.UnsafeBrownianPath` draws each increment from a key derived from the
@@ -612,15 +615,19 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
             give_up = growth > _CHAOTIC
         if candidates:
             # Where the iteration starts, never the answer: no gradient.
-            guess = jax.lax.cond(
-                give_up,
-                lambda: jnp.broadcast_to(
-                    no_gradient(y0_flat), (self.num_steps, y0_flat.shape[0])
-                ),
-                lambda: best_guess(
-                    flat_step, y0_flat, xs, [make() for make in candidates]
-                ),
+            flat = lambda: jnp.broadcast_to(
+                no_gradient(y0_flat), (self.num_steps, y0_flat.shape[0])
             )
+
+            def best():
+                guesses = [make() for make in candidates]
+                best = best_guess(flat_step, y0_flat, xs, guesses)
+                # Under `jax.vmap`, the problems of the batch that give up keep `flat`.
+                return batch_where(~give_up, best, flat())
+
+            # Unbatched under `jax.vmap`: the candidates are skipped only if every
+            # problem of the batch gives up.
+            guess = jax.lax.cond(unvmap_all(give_up), flat, best)
         else:
             guess = None
         # A sliding window of `window` inner steps moves through this one, or the

@@ -243,6 +243,13 @@ def test_vmap_mixed_batch(references):
     expected = jax.vmap(lambda i: jax.lax.scan(cell, i, xs))(inits)
     assert max_rel_error((final, ys), expected) < 1e-8
     assert bool(stats.fell_back[0]) and not bool(stats.fell_back[1])
+    # Each member runs as it would alone: the batch's conds take each member's own
+    # branch (iterations, fallback, estimate).
+    for k in range(2):
+        *_, alone = partime.scan(cell, inits[k], xs, return_stats=True)
+        for name in ("num_iterations", "num_sequential_steps", "window"):
+            assert int(getattr(stats, name)[k]) == int(getattr(alone, name)), name
+        assert jnp.allclose(stats.lyapunov[k], alone.lyapunov, equal_nan=True)
 
 
 # The same safeguards through `ParallelSolver`: one window of Tsit5 steps from a flat
@@ -371,3 +378,44 @@ def test_contracting_window_converges():
     assert int(state.num_fallbacks) == 0
     assert int(state.num_iterations) <= 15
     assert max_rel_error(ys, reference) < 1e-8
+
+
+def test_parallel_solver_vmap_mixed_chaos():
+    """A batch with a chaotic Lorenz-63 window (given up on by the chaos test) and
+    one that starts at a fixed point (converged at once): each member exact against
+    sequential diffrax on the same grid, with its own statistics, as alone. The
+    batch's conds keep each member's branch (no guess, no iteration, for the
+    chaotic one)."""
+    t1, num_steps = 20.0, 2000
+    term = diffrax.ODETerm(lambda t, y, args: _lorenz(y))
+    saveat = diffrax.SaveAt(ts=jnp.linspace(0.0, t1, 11), solver_state=True)
+    solver = partime.ParallelSolver(diffrax.Tsit5(), num_steps=num_steps)
+
+    def parallel(y0):
+        sol = diffrax.diffeqsolve(
+            term, solver, 0.0, t1, t1, y0, saveat=saveat, max_steps=1
+        )
+        return sol.ys, sol.solver_state
+
+    def sequential(y0):
+        return diffrax.diffeqsolve(
+            term,
+            diffrax.Tsit5(),
+            0.0,
+            t1,
+            None,
+            y0,
+            saveat=diffrax.SaveAt(ts=saveat.subs.ts),
+            stepsize_controller=diffrax.StepTo(ts=_inner_grid(0.0, t1, num_steps)),
+            max_steps=num_steps,
+        ).ys
+
+    y0s = jnp.array([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
+    ys, state = jax.jit(jax.vmap(parallel))(y0s)
+    assert max_rel_error(ys, jax.jit(jax.vmap(sequential))(y0s)) < 1e-8
+    solve = jax.jit(parallel)
+    for k in range(2):
+        alone = solve(y0s[k])[1]
+        for name in ("num_iterations", "num_fallbacks", "num_sequential_steps"):
+            assert int(getattr(state, name)[k]) == int(getattr(alone, name)), name
+    assert state.num_fallbacks.tolist() == [1, 0]

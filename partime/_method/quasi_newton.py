@@ -3,10 +3,11 @@ from typing import ClassVar, Literal
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import jax.tree_util as jtu
+from equinox.internal import unvmap_any
 
 from .._jacobian import AbstractJacobian, check_probes, Dense
 from .._lds import DiagonalTransition
+from .._misc import batch_where
 from .base import AbstractMethod
 
 
@@ -110,7 +111,15 @@ class QuasiNewton(AbstractMethod):
             return self.linearise(step, prev, xs)
         if self.refresh is False:
             return jax.vmap(step)(prev, xs), transition
-        return _refresh_if(policy[1], self, step, prev, xs, transition)
+        stale = policy[1]
+        # Unbatched under `jax.vmap`: the diagonal is recomputed only if some member
+        # of the batch asks for it (a batched cond would compute it at every call),
+        # and kept by the others.
+        return jax.vmap(step)(prev, xs), jax.lax.cond(
+            unvmap_any(stale),
+            lambda: batch_where(stale, self.linearise(step, prev, xs)[1], transition),
+            lambda: transition,
+        )
 
     def __check_init__(self):
         check_probes(self.diagonal_probes)
@@ -118,55 +127,3 @@ class QuasiNewton(AbstractMethod):
             raise ValueError(
                 f"`refresh` must be True, False or 'auto', got {self.refresh!r}."
             )
-
-
-def _refresh_if(stale, method, step, prev, xs, transition):
-    """`method.linearise` if `stale`, else the steps and the old `transition`. Under
-    `vmap` the diagonal is recomputed, for the members whose flag is set, only when
-    some flag is set (a batched `lax.cond` would compute it at every call)."""
-    # Closure-converted, so that the custom rule below closes over no array (the
-    # constants that a batched loop body hoists are batched).
-    fresh = eqx.filter_closure_convert(
-        lambda prev, xs: method.linearise(step, prev, xs)[1], prev, xs
-    )
-    kept = eqx.filter_closure_convert(
-        lambda prev, xs: jax.vmap(step)(prev, xs), prev, xs
-    )
-    fresh_arrays, fresh_static = eqx.partition(fresh, eqx.is_array)
-    kept_arrays, kept_static = eqx.partition(kept, eqx.is_array)
-
-    @jax.custom_batching.custom_vmap
-    def relinearise(stale, fresh_arrays, kept_arrays, prev, xs, transition):
-        f = eqx.combine(kept_arrays, kept_static)(prev, xs)
-        new = jax.lax.cond(
-            stale,
-            lambda: eqx.combine(fresh_arrays, fresh_static)(prev, xs),
-            lambda: transition,
-        )
-        return f, new
-
-    @relinearise.def_vmap
-    def _relinearise_batched(axis_size, in_batched, *args):
-        def broadcast(x, batched):
-            return x if batched else jnp.broadcast_to(x, (axis_size, *jnp.shape(x)))
-
-        args = jtu.tree_map(broadcast, list(args), list(in_batched))
-        stale, fresh_arrays, kept_arrays, prev, xs, transition = args
-        f = jax.vmap(lambda a, p, x: eqx.combine(a, kept_static)(p, x))(
-            kept_arrays, prev, xs
-        )
-
-        def refreshed():
-            new = jax.vmap(lambda a, p, x: eqx.combine(a, fresh_static)(p, x))(
-                fresh_arrays, prev, xs
-            )
-            pick = lambda a, b: jnp.where(
-                jnp.reshape(stale, (axis_size,) + (1,) * (a.ndim - 1)), a, b
-            )
-            return jtu.tree_map(pick, new, transition)
-
-        new = jax.lax.cond(jnp.any(stale), refreshed, lambda: transition)
-        out = (f, new)
-        return out, jtu.tree_map(lambda _: True, out)
-
-    return relinearise(stale, fresh_arrays, kept_arrays, prev, xs, transition)
