@@ -8,7 +8,10 @@ lowered program (characters of its StableHLO text) and the number of kernels XLA
 compiled it to (`kernels`: fusions and other work-launching instructions outside
 fused computations, in the compiled HLO; XLA:CPU generates code for each). For the
 forward solve and for `jax.value_and_grad` of `loss = sum(y(t1)²)` (with respect to
-the parameters and `y0`), on the problems of `benchmarks/ode.py`, float32:
+the parameters and `y0`), on the problems of `benchmarks/ode.py`, float32, with
+diffrax's default adjoint (`RecursiveCheckpointAdjoint`, which solves every window
+again on the backward pass) and with `diffrax.DirectAdjoint()` (which differentiates
+the forward pass's window: the documented choice for a few windows):
 
 - `neural`: the neural ODE `dy/dt = MLP(y)` (width 64, depth 2), `d = 4`, Tsit5,
   `T = 1000` steps in one parallel window;
@@ -36,6 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import diffrax
 import jax
 import jax.numpy as jnp
 import ode
@@ -129,8 +133,12 @@ def run_problem(name: str, T: int) -> list[dict[str, Any]]:
     make, inner, d, _ = PROBLEMS[name]
     params, static, y0, _ = ode.setup(name, d, jnp.float32)
     rows = []
-    for solver, parallel in (("partime", True), ("diffrax", False)):
-        solve, _ = make(inner, T, parallel, static)
+    for solver, parallel, adjoint in (
+        ("partime", True, None),
+        ("partime, DirectAdjoint", True, diffrax.DirectAdjoint()),
+        ("diffrax", False, None),
+    ):
+        solve, _ = make(inner, T, parallel, static, adjoint=adjoint)
 
         def loss(params, y0, solve=solve):
             return jnp.sum(solve(params, y0)[0] ** 2)
@@ -148,7 +156,7 @@ def run_problem(name: str, T: int) -> list[dict[str, Any]]:
                 flush=True,
             )
     for row in rows:
-        if row["solver"] == "partime":
+        if row["solver"].startswith("partime"):
             (reference,) = [
                 r for r in rows if r["solver"] == "diffrax" and r["mode"] == row["mode"]
             ]

@@ -158,10 +158,16 @@ METHODS = {
 
 
 def make_functions(
-    solver_name: str, T: int, parallel: bool, static: Any, method: Any = None
+    solver_name: str,
+    T: int,
+    parallel: bool,
+    static: Any,
+    method: Any = None,
+    adjoint: Any = None,
 ):
     """`forward(params, y0) -> (y1, (iterations, fallbacks))` and
-    `gradient(params, y0) -> (d params, d y0)`."""
+    `gradient(params, y0) -> (d params, d y0)`; `adjoint` for the parallel solve
+    (default: diffrax's, `RecursiveCheckpointAdjoint`)."""
     inner = SOLVERS[solver_name]()
     if parallel:
         solver = partime.ParallelSolver(
@@ -184,6 +190,7 @@ def make_functions(
             y0,
             saveat=diffrax.SaveAt(t1=True, solver_state=parallel),
             max_steps=max_steps,
+            **_adjoint(parallel, adjoint),
         )
         if parallel:
             stats = (sol.solver_state.num_iterations, sol.solver_state.num_fallbacks)
@@ -198,6 +205,12 @@ def make_functions(
 
 
 SDE_SOLVERS = {"euler": diffrax.Euler}
+# `--adjoint`: the parallel solve's. With one window (`max_steps=1`), diffrax's default
+# solves the window again on the backward pass; `DirectAdjoint` keeps the forward's.
+ADJOINTS = {
+    "recursive": diffrax.RecursiveCheckpointAdjoint,
+    "direct": diffrax.DirectAdjoint,
+}
 SIGMA = 0.1  # the diffusion's scale
 
 
@@ -227,7 +240,9 @@ def brownian_tolerance(T: int) -> float:
     return (T1 - T0) / T / 16
 
 
-def make_sde_functions(solver_name: str, T: int, parallel: bool, static: Any):
+def make_sde_functions(
+    solver_name: str, T: int, parallel: bool, static: Any, adjoint: Any = None
+):
     """`make_functions` for the SDE `dy = MLP(y) dt + g(y) dW` (Itô, Euler--Maruyama),
     `params = (drift, diffusion)`; both sides use the same `VirtualBrownianTree` and the
     same inner grid (diffrax steps to it with `StepTo`)."""
@@ -256,6 +271,7 @@ def make_sde_functions(solver_name: str, T: int, parallel: bool, static: Any):
             y0=y0,
             saveat=diffrax.SaveAt(t1=True, solver_state=parallel),
             **kwargs,
+            **_adjoint(parallel, adjoint),
         )
         return sol.ys[0], _stats(sol, parallel)
 
@@ -294,7 +310,9 @@ def stiff_grid(T: int) -> Any:
     return jnp.concatenate([g[:-1] for g in grids] + [grids[-1][-1:]])
 
 
-def make_stiff_functions(solver_name: str, T: int, parallel: bool, static: Any):
+def make_stiff_functions(
+    solver_name: str, T: int, parallel: bool, static: Any, adjoint: Any = None
+):
     """`make_functions` for Robertson's problem on `[0, 1e2]`, `params` its log rates:
     `ParallelSolver(Kvaerno5, num_steps=T / 7)` steps to the 7 log-spaced window ends,
     diffrax to the same `T` inner steps, one at a time."""
@@ -317,6 +335,7 @@ def make_stiff_functions(solver_name: str, T: int, parallel: bool, static: Any):
             saveat=diffrax.SaveAt(t1=True, solver_state=parallel),
             stepsize_controller=diffrax.StepTo(ts=ts),
             max_steps=max_steps,
+            **_adjoint(parallel, adjoint),
         )
         return sol.ys[0], _stats(sol, parallel)
 
@@ -324,6 +343,12 @@ def make_stiff_functions(solver_name: str, T: int, parallel: bool, static: Any):
         return jnp.sum(solve(params, y0)[0] ** 2)
 
     return solve, jax.grad(loss, argnums=(0, 1))
+
+
+def _adjoint(parallel: bool, adjoint: Any) -> dict:
+    """`adjoint=` for the parallel solve, if one is given; the sequential one keeps
+    diffrax's default."""
+    return {} if adjoint is None or not parallel else {"adjoint": adjoint}
 
 
 def _stats(sol: Any, parallel: bool) -> tuple:
@@ -380,11 +405,14 @@ def run_row(
     outputs = {}
     for parallel in (True, False):
         side = "par" if parallel else "seq"
+        adjoint = ADJOINTS[args.adjoint]()
         if problem == "neural":
             method = METHODS[method_name](args.block)
-            forward, gradient = make(solver_name, T, parallel, static, method)
+            forward, gradient = make(
+                solver_name, T, parallel, static, method, adjoint=adjoint
+            )
         else:
-            forward, gradient = make(solver_name, T, parallel, static)
+            forward, gradient = make(solver_name, T, parallel, static, adjoint=adjoint)
         for kind, fn in (("forward", forward), ("gradient", gradient)):
             if kind == "gradient" and args.no_gradients:
                 continue
@@ -532,6 +560,12 @@ def main() -> int:
         "--budget", type=float, default=30.0, help="seconds of timed calls per function"
     )
     parser.add_argument("--float32", action="store_true", help="default: float64")
+    parser.add_argument(
+        "--adjoint",
+        choices=list(ADJOINTS),
+        default="recursive",
+        help="the parallel solve's adjoint (diffrax keeps its default)",
+    )
     parser.add_argument("--quick", action="store_true", help="one small row: seconds")
     parser.add_argument(
         "--no-gradients", action="store_true", help="forward solves only"
@@ -588,7 +622,8 @@ def main() -> int:
         payload = dict(
             benchmark="ode" if args.problem == "neural" else f"ode-{args.problem}",
             **describe(args.problem),
-            adjoint="diffrax.RecursiveCheckpointAdjoint() (the default)",
+            adjoint=f"{ADJOINTS[args.adjoint]().__class__.__name__} for partime; "
+            "diffrax's default (RecursiveCheckpointAdjoint) for diffrax",
             speedup="diffrax time / partime time (above 1: partime is faster)",
             value_tolerance=value_tol,
             gradient_tolerance=grad_tol,

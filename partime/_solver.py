@@ -355,7 +355,11 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
     pass is parallel over time too. Use `diffrax.RecursiveCheckpointAdjoint()` (the
     default; like any diffrax step, each window is solved again on the backward
     pass), `diffrax.DirectAdjoint()` or `diffrax.ForwardMode()`;
-    `diffrax.BacksolveAdjoint()` is rejected with an error.
+    `diffrax.BacksolveAdjoint()` is rejected with an error. For one window or a
+    few, prefer `adjoint=diffrax.DirectAdjoint()`: each window is solved once and
+    its solve differentiated, so the gradient compiles and runs faster (on a neural
+    ODE in one window of 1000 Tsit5 steps, 456 XLA kernels instead of 838, and two
+    thirds of the gradient's time); its memory grows with `max_steps`.
 
     **Supported problems.** Any PyTree `y0` is accepted, with real or complex leaves
     of any floating-point dtype, some or all of them empty; it is flattened to one
