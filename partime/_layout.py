@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, Bool, Float, Int, PyTree
 
+from ._chunked import chunked_jvp
 from ._fallback import sequential_completion
 from ._kalman import damped_solve
 from ._lds import AbstractTransition
@@ -107,16 +108,19 @@ def linear_tangent_solve(step, init, xs, states, tangents, method):
     No `stop_gradient` on the solution or the Jacobians: differentiating this rule
     again (second derivatives) must see how they move.
     """
-    primals = (step, init, xs)
-    tangents = jtu.tree_map(
-        zeros_for_none, primals, tangents, is_leaf=lambda x: x is None
-    )
-    _, rhs = eqx.filter_jvp(
-        lambda step, init, xs: jax.vmap(step)(shift(init, states), xs),
-        primals,
-        tangents,
-    )
-    return implicit_tangent_solve(step, shift(init, states), xs, rhs, method)
+    t_step, t_init, t_xs = tangents
+    prev = shift(init, states)
+    # Chunk by chunk (`partime._chunked`): reverse mode then needs `O(chunk·d)` for
+    # the parameters' cotangents, not every step's at once. `s_0` moves the first
+    # step only. Symbolic zero tangents (`None`) stay symbolic: no `T d` zeros.
+    rhs = chunked_jvp(step, t_step, (prev, xs), (None, t_xs))
+    if rhs is None:
+        rhs = jnp.zeros_like(states)
+    if t_init is not None:
+        x_first = jtu.tree_map(lambda a: a[0], xs)
+        first = jax.jvp(lambda s: step(s, x_first), (init,), (t_init,))[1]
+        rhs = rhs.at[0].add(first)
+    return implicit_tangent_solve(step, prev, xs, rhs, method)
 
 
 class WholeSequence(AbstractLayout):

@@ -3,13 +3,15 @@
 from collections.abc import Callable
 from typing import Any, Literal
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from jax.sharding import Mesh
 from jaxtyping import ArrayLike, PyTree
 
-from ._fixed_point import fixed_point_solve, previous
+from ._chunked import vmap_chunked_derivative
+from ._fixed_point import fixed_point_solve, index, previous
 from ._flatten import Flattener
 from ._method.base import AbstractMethod
 from ._method.newton import Newton
@@ -157,8 +159,11 @@ def scan(
     last = states[-1]
     prev = previous(init_flat, states, mesh=mesh, axis_name=axis_name)
     output = lambda s, x: f(unravel(s), x)[1]
-    if window is None or isinstance(window, str):
+    if mesh is not None:
         ys = jax.vmap(output)(prev, xs)
+    elif window is None or isinstance(window, str):
+        closed = eqx.filter_closure_convert(output, init_flat, index(xs, 0))
+        ys = vmap_chunked_derivative(closed, (prev, xs))
     else:
         ys = map_in_windows(output, (prev, xs), min(window, len(prev)))
     if reverse:
