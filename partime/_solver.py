@@ -380,7 +380,11 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
         (A wrapped solver such as `diffrax.HalfSolver` also steps over each half of
         an inner step: its inner steps evaluate the Brownian motion themselves.)
         With `diffrax.VirtualBrownianTree` the solution is that of the sequential
-        inner solver on the same grid with the same Brownian motion.
+        inner solver on the same grid with the same Brownian motion. "Same grid"
+        means bit for bit: a tree is not exactly continuous at its dyadic nodes (a
+        one-ulp change of a step time there moved an increment by about 3e-9 with
+        `tol=5e-4`), and step times computed inside and outside `jit` can differ by
+        an ulp.
         `diffrax.UnsafeBrownianPath` draws each increment from a key derived from the
         raw bits of the step's `(t0, t1)`: it reproduces a sequential solve only where
         the inner step times are bit for bit those of the sequential grid (they are
