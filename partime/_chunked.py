@@ -30,7 +30,10 @@ def chunk_size(length: int) -> int:
 
 
 def chunked_jvp(
-    fn: Any, t_fn: Any, inputs: tuple[PyTree, ...], t_inputs: tuple[PyTree, ...]
+    fn: Any,
+    t_fn: Any,
+    inputs: tuple[PyTree, ...],
+    t_inputs: tuple[PyTree, ...],
 ) -> PyTree:
     """The tangent of `jax.vmap(fn)(*inputs)` for tangents `t_fn` of the arrays in
     the PyTree `fn` (not mapped) and `t_inputs` (mapped over their leading axis),

@@ -28,7 +28,7 @@ from jaxtyping import Array, Bool, Float, Int, PyTree
 from ._chunked import chunked_jvp
 from ._fallback import sequential_completion
 from ._kalman import damped_solve
-from ._lds import AbstractTransition
+from ._lds import AbstractTransition, DenseTransition
 from ._loop import iterate
 from ._matrix_free import implicit_tangent_solve
 from ._method.base import AbstractMethod
@@ -110,6 +110,20 @@ def linear_tangent_solve(step, init, xs, states, tangents, method):
     """
     t_step, t_init, t_xs = tangents
     prev = shift(init, states)
+    linearised = jax.eval_shape(lambda: method.linearise(step, prev, xs))[1]
+    if isinstance(linearised, DenseTransition):
+        # Newton, ELK: the solve holds `T d²` Jacobians anyway; all steps at once,
+        # `s_0` through the shifted states (one copy of the step to compile).
+        primals = (step, init, xs)
+        tangents = jtu.tree_map(
+            zeros_for_none, primals, tangents, is_leaf=lambda x: x is None
+        )
+        _, rhs = eqx.filter_jvp(
+            lambda step, init, xs: jax.vmap(step)(shift(init, states), xs),
+            primals,
+            tangents,
+        )
+        return implicit_tangent_solve(step, prev, xs, rhs, method)
     # Chunk by chunk (`partime._chunked`): reverse mode then needs `O(chunk·d)` for
     # the parameters' cotangents, not every step's at once. `s_0` moves the first
     # step only. Symbolic zero tangents (`None`) stay symbolic: no `T d` zeros.
