@@ -50,6 +50,7 @@ writes only with `--out`.
 """
 
 import argparse
+import functools
 import math
 import shlex
 import sys
@@ -422,6 +423,9 @@ SPEED_ODES = {
 }
 # name: kind; the recurrence of `SYSTEMS[name]`, solved by `partime.scan`.
 SPEED_SCANS = {"rnn-0.9": "contracting", "rnn-1.5": "contracting"}
+# The neutral rows of the defaults' table also run `window="auto"` (the default off a
+# CPU) up to this T, counted and checked, not timed.
+AUTO_ALONGSIDE_STEPS = 10_000
 SPEED_PROBLEMS = [*SPEED_SCANS, *SPEED_ODES]
 
 
@@ -458,57 +462,79 @@ def _finite(tree):
     return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(tree))
 
 
+def _ode_term(name):
+    field, _, _, parameter, _ = SPEED_ODES[name]
+    import diffrax
+
+    return diffrax.ODETerm(lambda t, y, args: field(t, y, parameter))
+
+
+def sequential_solve(name, length, saveat):
+    """`SPEED_ODES[name]` solved sequentially by diffrax's Tsit5 in `length` constant
+    steps (the same grid up to rounding; diffrax's fastest way to step it: `StepTo`
+    on the exact grid costs more). Jitted: `y0 -> (ys, result)`."""
+    import diffrax
+
+    t1 = SPEED_ODES[name][2]
+    term = _ode_term(name)
+
+    @jax.jit
+    def solve(y0):
+        sol = diffrax.diffeqsolve(
+            term,
+            diffrax.Tsit5(),
+            0.0,
+            t1,
+            t1 / length,
+            y0,
+            saveat=saveat,
+            max_steps=length,
+            throw=False,
+        )
+        return sol.ys, sol.result
+
+    return solve
+
+
+def one_window_solve(name, length, saveat, **options):
+    """`SPEED_ODES[name]` solved by the defaults: `ParallelSolver(Tsit5(),
+    num_steps=length, **options)`, one window over the horizon through the
+    documented recipe (`WindowController`, `dt0` the inner step, `max_steps=1`).
+    Jitted: `y0 -> (ys, result, solver_state)`."""
+    import diffrax
+
+    t1 = SPEED_ODES[name][2]
+    term = _ode_term(name)
+    solver = partime.ParallelSolver(diffrax.Tsit5(), num_steps=length, **options)
+
+    @jax.jit
+    def solve(y0):
+        sol = diffrax.diffeqsolve(
+            term,
+            solver,
+            0.0,
+            t1,
+            t1 / length,
+            y0,
+            saveat=saveat,
+            stepsize_controller=partime.WindowController(),
+            max_steps=1,
+            throw=False,
+        )
+        return sol.ys, sol.result, sol.solver_state
+
+    return solve
+
+
 def _speed_ode(name, length, window=None):
     import diffrax
 
-    field, y0, t1, parameter, kind = SPEED_ODES[name]
-    term = diffrax.ODETerm(lambda t, y, args: field(t, y, parameter))
+    _, y0, t1, _, kind = SPEED_ODES[name]
     y0 = jnp.asarray(y0)
-    dt = t1 / length
-
-    def sequential_diffrax(saveat):
-        # The same grid up to rounding, with a constant step: diffrax's fastest way
-        # to step it (`StepTo` on the exact grid costs more).
-        @jax.jit
-        def solve(y0):
-            sol = diffrax.diffeqsolve(
-                term,
-                diffrax.Tsit5(),
-                0.0,
-                t1,
-                dt,
-                y0,
-                saveat=saveat,
-                max_steps=length,
-                throw=False,
-            )
-            return sol.ys, sol.result
-
-        return solve
-
     # `--window` tries one (e.g. "auto"); the defaults pass none.
     extra = {} if window is None else {"window": window}
-
-    def parallel(saveat):
-        # The defaults: one window over the horizon, through the documented recipe
-        # (`WindowController`, `dt0` the inner step); no method, no window set.
-        @jax.jit
-        def solve(y0):
-            sol = diffrax.diffeqsolve(
-                term,
-                partime.ParallelSolver(diffrax.Tsit5(), num_steps=length, **extra),
-                0.0,
-                t1,
-                dt,
-                y0,
-                saveat=saveat,
-                stepsize_controller=partime.WindowController(),
-                max_steps=1,
-                throw=False,
-            )
-            return sol.ys, sol.result, sol.solver_state
-
-        return solve
+    sequential_diffrax = functools.partial(sequential_solve, name, length)
+    parallel = functools.partial(one_window_solve, name, length, **extra)
 
     # Timed: the final state only (`SaveAt(ts=...)` makes every sequential step
     # look for save points: 3-4x slower). Checked: also 101 points of the inner grid
@@ -592,6 +618,18 @@ def _speed_scan(name, length, window=None):
     return row, fns, (init, xs), ys, reference
 
 
+def _auto_alongside(name, length, reference):
+    """`window="auto"` (the default off a CPU) on a row of the defaults' table:
+    its counts and its error (one call after the one that compiles; not timed)."""
+    auto, _, _, ys, _ = _speed_ode(name, length, "auto")
+    error = max_rel_error(ys, reference) if auto["parallel_ok"] else math.inf
+    keys = ["iterations", "width", "fallback_windows", "fallback_steps"]
+    keys += ["lyapunov_times_T", "parallel_ok", "first_call_incl_compile_s"]
+    out = {k: auto[k] for k in keys}
+    out.update(T=length, error=error, exact=auto["parallel_ok"] and error <= EXACT_RTOL)
+    return out
+
+
 def _per_window(row):
     """Iterations per window: `iterations / (T / width)`. A schedule that solves
     `width` steps together (the automatic window, once narrowed, works as a sliding
@@ -601,19 +639,24 @@ def _per_window(row):
 
 
 def _goals(row):
-    """The issue's goals that apply to this row: `[(goal, met)]`."""
+    """The issue's goals that apply to this row: `[(goal, met)]`; those of the
+    automatic window run alongside (`row["auto"]`) prefixed `auto:`."""
     goals = [("exact", row["exact"])]
-    if row["kind"] in ("contracting", "neutral"):
-        goals.append(("no fallback", row["fallback_windows"] == 0))
-    if row["problem"].startswith("van-der-pol") and row["T"] == VDP_GOAL_STEPS:
-        # Converged, not given up after a few iterations.
-        goals.append(
-            (
-                f"converged in ≤ {VDP_ITERATIONS_PER_WINDOW} it/window",
-                row["fallback_windows"] == 0
-                and _per_window(row) <= VDP_ITERATIONS_PER_WINDOW,
+    runs = [("", row)] + ([("auto: ", row["auto"])] if "auto" in row else [])
+    for prefix, run in runs:
+        if prefix:
+            goals.append((prefix + "exact", run["exact"]))
+        if row["kind"] in ("contracting", "neutral"):
+            goals.append((prefix + "no fallback", run["fallback_windows"] == 0))
+        if row["problem"].startswith("van-der-pol") and row["T"] == VDP_GOAL_STEPS:
+            # Converged, not given up after a few iterations.
+            goals.append(
+                (
+                    f"{prefix}converged in ≤ {VDP_ITERATIONS_PER_WINDOW} it/window",
+                    run["fallback_windows"] == 0
+                    and _per_window(run) <= VDP_ITERATIONS_PER_WINDOW,
+                )
             )
-        )
     if row["kind"] == "chaotic":
         speedup = row.get("speedup")
         goals.append(
@@ -634,6 +677,13 @@ def part_speed(problems, lengths, extra_lengths, repeats, budget_s, window):
             else:
                 built = _speed_ode(name, length, window)
             row, fns, args, ys, reference = built
+            if (
+                window is None
+                and row["kind"] == "neutral"
+                and row["reference_ok"]
+                and length <= AUTO_ALONGSIDE_STEPS
+            ):
+                row["auto"] = _auto_alongside(name, length, reference)
             if not row["reference_ok"]:
                 # The sequential solve itself fails (e.g. Tsit5 unstable at this
                 # step): there is no answer to check against, and nothing to time.
@@ -675,6 +725,8 @@ def _speed_line(row):
     text += f" it={row['iterations']:<4d} width={row['width']:<6d}"
     text += f" it/window={_per_window(row):<5.1f} fb={row['fallback_steps']}"
     text += f" λT={row['lyapunov_times_T']:+.3g}"
+    if "auto" in row:
+        text += f" auto=({_auto_cell(row['auto'])})"
     if "speedup" in row:
         text += f" seq={1e3 * row['sequential_s']:.2f}ms"
         text += f" par={1e3 * row['parallel_s']:.2f}ms speed-up={row['speedup']:.2f}"
@@ -685,6 +737,7 @@ def _speed_line(row):
 def speed_table(rows):
     header = ["problem", "kind", "T", "λ·T", "iterations (depth)", "width"]
     header += ["iterations per window", "fallback steps"]
+    header += ["window='auto': iterations, width, it/window, fallback steps"]
     header += ["sequential (ms)", "defaults (ms)", "speed-up"]
     header += ["error", "answer", "goals"]
     body = []
@@ -716,6 +769,7 @@ def speed_table(rows):
                 str(r["width"]),
                 f"{_per_window(r):.1f}",
                 str(r["fallback_steps"]),
+                _auto_cell(r.get("auto")),
                 *timing,
                 "—" if r["error"] is None else f"{r['error']:.1e}",
                 answer,
@@ -723,6 +777,16 @@ def speed_table(rows):
             ]
         )
     return header, body
+
+
+def _auto_cell(auto):
+    if auto is None:
+        return "—"
+    cell = f"{auto['iterations']}, {auto['width']}, {_per_window(auto):.1f}"
+    cell += f", {auto['fallback_steps']}"
+    if not auto["exact"]:
+        cell += f" (**WRONG**: {auto['error']:.1e})"
+    return cell
 
 
 SPEED_NOTE = """\
@@ -747,6 +811,10 @@ width)`, the iterations spent per `width` steps moved through (all of them when
 fewer than `T` in parallel, and the column understates it). `fallback steps`:
 steps computed by the exact sequential fallback
 (`ParallelSolverState.num_sequential_steps`, `Stats.num_sequential_steps`).
+`window='auto'`: in the table of the defaults (`window=None`: the whole window on a
+CPU, `'auto'` on accelerators), each neutral row up to T = 10⁴ is also solved with
+`window='auto'`, what the defaults do off a CPU, and checked the same way (not
+timed); its goals are those marked `auto:`.
 
 Timing: the CPU has 2 cores and was shared with 4 other engineers' jobs (load
 varies during the run): times are medians of interleaved calls (sequential,

@@ -45,7 +45,12 @@ from _common import environment, markdown_table, max_rel_error, text_table, writ
 
 jax.config.update("jax_enable_x64", True)
 
-from convergence import SPEED_ODES, SYSTEMS  # noqa: E402
+from convergence import (  # noqa: E402
+    one_window_solve,
+    sequential_solve,
+    SPEED_ODES,
+    SYSTEMS,
+)
 
 import partime  # noqa: E402
 import partime._loop as loop  # noqa: E402
@@ -160,35 +165,11 @@ def _scan_case(make, length):
 
 
 def _ode_case(key, length, options):
-    field, y0, t1, parameter, _ = SPEED_ODES[key]
-    term = diffrax.ODETerm(lambda t, y, args: field(t, y, parameter))
-    dt = t1 / length
     saveat = diffrax.SaveAt(t1=True, solver_state=True)
-
-    @jax.jit
-    def sequential(y0):
-        return diffrax.diffeqsolve(
-            term, diffrax.Tsit5(), 0.0, t1, dt, y0, saveat=saveat, max_steps=length
-        ).ys
+    sequential = sequential_solve(key, length, saveat)
 
     def parallel():
-        solver = partime.ParallelSolver(diffrax.Tsit5(), num_steps=length, **options)
-
-        @jax.jit
-        def fn(y0):
-            sol = diffrax.diffeqsolve(
-                term,
-                solver,
-                0.0,
-                t1,
-                dt,
-                y0,
-                saveat=saveat,
-                stepsize_controller=partime.WindowController(),
-                max_steps=1,
-                throw=False,
-            )
-            return sol.ys, sol.result, sol.solver_state
+        fn = one_window_solve(key, length, saveat, **options)
 
         def run(y0):
             ys, result, state = fn(y0)
@@ -200,7 +181,7 @@ def _ode_case(key, length, options):
 
         return run, lambda y: fn(y)[0]
 
-    return sequential, parallel, (jnp.asarray(y0),)
+    return (lambda y: sequential(y)[0]), parallel, (jnp.asarray(SPEED_ODES[key][1]),)
 
 
 def run(budget_s):

@@ -23,6 +23,25 @@ import jax.tree_util as jtu
 from jaxtyping import Array, Float, Int, PyTree
 
 
+class SequentialForm(eqx.Module):
+    """A step map with a second form of the same map for the sequential fallback,
+    where it runs one step at a time: the iteration evaluates `step` (vectorised over
+    the steps), the fallback `sequential` (e.g. a Runge--Kutta step's stages as
+    straight-line code rather than a loop; see `partime._inner_step._erk_stages`).
+    Both must compute the same map, up to rounding."""
+
+    step: Callable
+    sequential: Callable
+
+    def __call__(self, state, x):
+        return self.step(state, x)
+
+
+def sequential_form(step: Callable) -> Callable:
+    """The form of `step` for the sequential fallback."""
+    return step.sequential if isinstance(step, SequentialForm) else step
+
+
 def sequential_completion(
     step: Callable,
     init: Float[Array, " d"],
@@ -35,7 +54,7 @@ def sequential_completion(
     `step` may be any callable PyTree (e.g. a closure-converted function): its arrays
     may be batched too.
     """
-    dynamic, static = eqx.partition(step, eqx.is_array)
+    dynamic, static = eqx.partition(sequential_form(step), eqx.is_array)
 
     @jax.custom_batching.custom_vmap
     def complete(dynamic, init, xs, states, start):

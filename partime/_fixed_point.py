@@ -22,6 +22,7 @@ import numpy as np
 from jax.sharding import Mesh
 from jaxtyping import Array, ArrayLike, Float, Int, PyTree
 
+from ._fallback import SequentialForm
 from ._layout import AbstractLayout, shift, WholeSequence
 from ._method.base import AbstractMethod
 from ._sharded_fixed_point import previous_states, Sharded
@@ -341,15 +342,20 @@ def fixed_point_solve(
                 f"shape {scale.shape}."
             )
         scale = jnp.broadcast_to(scale.astype(init.dtype), (length,))
-    if jtu.tree_leaves(xs):
-        xs_solve, call = xs, step
-    else:
-        # The layouts slice the inputs: give them a placeholder with a time axis.
-        xs_solve = jnp.zeros((length, 0), init.dtype)
-        call = lambda s, x: step(s, xs)
-    closed = layout.close(
-        lambda s, x: call(s, x).astype(init.dtype), init, index(xs_solve, 0)
-    )
+    # The layouts slice the inputs: without any, give them a placeholder with a
+    # time axis.
+    has_xs = bool(jtu.tree_leaves(xs))
+    xs_solve = xs if has_xs else jnp.zeros((length, 0), init.dtype)
+
+    def close(fn):
+        call = fn if has_xs else lambda s, x: fn(s, xs)
+        return layout.close(
+            lambda s, x: call(s, x).astype(init.dtype), init, index(xs_solve, 0)
+        )
+
+    closed = close(step)
+    if isinstance(step, SequentialForm):
+        closed = SequentialForm(closed, close(step.sequential))
     if guess is None:
         guess = layout.default_guess(init)
     give_up = jnp.asarray(False if give_up is None else give_up)

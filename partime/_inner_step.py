@@ -81,14 +81,14 @@ def with_portable_lu(solver: diffrax.AbstractSolver) -> diffrax.AbstractSolver:
     return eqx.tree_at(lambda s: s.root_finder.linear_solver, solver, PortableLU())
 
 
-def _is_butcher_erk(solver) -> bool:
+def is_butcher_erk(solver) -> bool:
     # `type(...)`, not `isinstance`: diffrax forwards `isinstance` through wrappers.
     return issubclass(type(solver), diffrax.AbstractERK) and isinstance(
         solver.tableau, diffrax.ButcherTableau
     )
 
 
-def _erk_stages(solver, make_terms, args, flattener, num_stages):
+def _erk_stages(solver, make_terms, args, flattener, num_stages, straight=False):
     """The first `num_stages` stage increments `k_i` (flat, stacked on a leading
     axis) of an explicit Runge--Kutta step, from the solver's (public) Butcher
     tableau: `(y_flat, x) -> ks`. The stages run in a `lax.scan` over the rows of
@@ -97,7 +97,13 @@ def _erk_stages(solver, make_terms, args, flattener, num_stages):
     copy); forward and reverse mode pass it. Each stage is a `jax.checkpoint`: reverse
     mode keeps the stages' inputs and recomputes the vector field's intermediates,
     which a scan would otherwise store for every stage at once (twice the gradient's
-    memory on the neural ODE of `benchmarks/ode.py`)."""
+    memory on the neural ODE of `benchmarks/ode.py`).
+
+    `straight=True`: the stages as straight-line code instead, for a step taken one
+    at a time in a loop (the sequential fallback, the coarse pass). There the stage
+    loop costs more than the stages: on Lorenz-63 (2·10⁴ Tsit5 steps, XLA:CPU) the
+    fallback took 4–5× sequential diffrax's time with the scan, 0.8× without (unrolling
+    the scan does not help)."""
     ravel, unravel = flattener.ravel, flattener.unravel
     tableau = solver.tableau
     # Row `i`: the coefficients of `k_0..k_{i-1}` in stage `i`'s state.
@@ -120,6 +126,14 @@ def _erk_stages(solver, make_terms, args, flattener, num_stages):
             )
             k = ravel(terms.vf_prod(ti, unravel(yi), args, control))
             return jnp.where(current, k, ks), None
+
+        if straight:
+            ks = []
+            for i, ci in enumerate(nodes.tolist()):
+                ti = tb if ci == 1 else ta + ci * (tb - ta)
+                yi = _combine(y_flat, lower[i, :i].tolist(), ks)
+                ks.append(ravel(terms.vf_prod(ti, unravel(yi), args, control)))
+            return jnp.stack(ks)
 
         c = jnp.asarray(nodes, time_dtype)
         times = jnp.where(c == 1, tb, ta + c * (tb - ta))
@@ -155,7 +169,7 @@ def _diffrax_step(solver, make_terms, args, unravel) -> Callable:
     return step
 
 
-def flat_step(solver, make_terms, args, flattener) -> Callable:
+def flat_step(solver, make_terms, args, flattener, straight=False) -> Callable:
     """One inner step `(y_{k-1}, x_k) -> y_k` on flat states: the map whose iterates
     the fixed-point solve looks for. `x_k = (t_{k-1}, t_k, increments_k)`, and
     `make_terms(increments_k)` gives the terms of that inner step (see
@@ -168,16 +182,17 @@ def flat_step(solver, make_terms, args, flattener) -> Callable:
     `y_k` (the first-same-as-last stage of Tsit5, Dopri5, ...; only the error estimate
     and dense output use it) are skipped. Other solvers take their own `init` + `step`
     per inner step. The error estimates and dense output come from `step_outputs`, at
-    the converged states.
+    the converged states. `straight`: for a step taken one at a time (see
+    `_erk_stages`).
     """
     ravel, unravel = flattener.ravel, flattener.unravel
-    if not _is_butcher_erk(solver):
+    if not is_butcher_erk(solver):
         with_info = step_with_info(solver, make_terms, args, flattener)
         return lambda y_flat, x: with_info(y_flat, x)[0]
 
     b_sol = np.asarray(solver.tableau.b_sol)
     num_stages = int(np.flatnonzero(b_sol)[-1]) + 1
-    stages = _erk_stages(solver, make_terms, args, flattener, num_stages)
+    stages = _erk_stages(solver, make_terms, args, flattener, num_stages, straight)
 
     def erk_step(y_flat, x):
         ks = stages(y_flat, x)
@@ -195,7 +210,7 @@ def step_outputs(solver, make_terms, args, flattener) -> Callable:
     does, in the shapes of diffrax's own dense info (`y0`, `y1`, `k` with the stages
     on a leading axis); other solvers run diffrax's `init` + `step`."""
     unravel = flattener.unravel
-    if not _is_butcher_erk(solver):
+    if not is_butcher_erk(solver):
         step = _diffrax_step(solver, make_terms, args, unravel)
 
         def diffrax_outputs(y_flat, y1_flat, x):
@@ -244,13 +259,13 @@ def no_gradient(tree):
     )
 
 
-def step_with_info(solver, make_terms, args, flattener) -> Callable:
+def step_with_info(solver, make_terms, args, flattener, straight=False) -> Callable:
     """One inner step and its dense info: `(y_{k-1}, x_k) -> (y_k, dense_info)`,
     `y_k` as `flat_step` computes it. Explicit Runge--Kutta steps evaluate every
     stage (as `step_outputs`); other solvers run diffrax's
-    `init` + `step`."""
+    `init` + `step`. `straight`: for a step taken one at a time (see `_erk_stages`)."""
     ravel, unravel = flattener.ravel, flattener.unravel
-    if not _is_butcher_erk(solver):
+    if not is_butcher_erk(solver):
         step = _diffrax_step(solver, make_terms, args, unravel)
 
         def diffrax_step(y_flat, x):
@@ -262,7 +277,9 @@ def step_with_info(solver, make_terms, args, flattener) -> Callable:
     tableau = solver.tableau
     b_sol = np.asarray(tableau.b_sol)
     num_stages = int(np.flatnonzero(b_sol)[-1]) + 1
-    stages = _erk_stages(solver, make_terms, args, flattener, len(tableau.c) + 1)
+    stages = _erk_stages(
+        solver, make_terms, args, flattener, len(tableau.c) + 1, straight
+    )
 
     def erk_step(y_flat, x):
         ks = stages(y_flat, x)

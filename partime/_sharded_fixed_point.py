@@ -27,6 +27,7 @@ import jax.tree_util as jtu
 from jax.sharding import Mesh, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int, PyTree
 
+from ._fallback import sequential_form
 from ._layout import AbstractLayout, zeros_for_none
 from ._lds import DenseTransition
 from ._loop import iterate
@@ -138,6 +139,7 @@ class _Chunk(eqx.Module):
         Zero rounds when `start = T`."""
         chunk = self.chunk
         index = jax.lax.axis_index(self.axis_name)
+        step = sequential_form(step)
 
         def round_body(carry):
             r, states = carry

@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 from jaxtyping import Array, Float, Int, PyTree
 
 from ._brownian_increments import store_increments
+from ._fallback import SequentialForm
 from ._fixed_point import fixed_point_solve, previous
 from ._flatten import Flattener
 from ._inner_step import (
@@ -28,6 +29,7 @@ from ._inner_step import (
     coarse_guess,
     coarse_pass,
     flat_step as make_flat_step,
+    is_butcher_erk,
     no_gradient,
     step_outputs,
     step_with_info,
@@ -576,10 +578,20 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
         # Traced once here: every later use (first guess, the iteration, its
         # linearisation, the fallback, the derivative) replays this jaxpr instead of
         # calling the user's vector field again.
-        flat_step = eqx.filter_closure_convert(
-            make_flat_step(solver, make_terms, args, flattener),
-            y0_flat,
-            jtu.tree_map(lambda a: a[0], xs),
+        def convert(straight):
+            return eqx.filter_closure_convert(
+                make_flat_step(solver, make_terms, args, flattener, straight),
+                y0_flat,
+                jtu.tree_map(lambda a: a[0], xs),
+            )
+
+        flat_step = convert(False)
+        # The fallback steps one at a time: an explicit Runge--Kutta step's stages
+        # as straight-line code there (a loop over them costs more than they do).
+        engine_step = (
+            SequentialForm(flat_step, convert(True))
+            if is_butcher_erk(solver)
+            else flat_step
         )
         candidates = []
         growth = None
@@ -590,7 +602,7 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
             # at the inputs, so that none of them is ever differentiated.
             coarse_terms, coarse_args, coarse_y0 = no_gradient((terms, args, y0_flat))
             coarse_step = step_with_info(
-                solver, lambda _: coarse_terms, coarse_args, flattener
+                solver, lambda _: coarse_terms, coarse_args, flattener, straight=True
             )
             num_coarse = self._num_coarse_steps
             coarse_ts = no_gradient(inner_grid(t0, t1, num_coarse))
@@ -652,7 +664,7 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
         else:
             window = None
         states, stats = fixed_point_solve(
-            flat_step,
+            engine_step,
             y0_flat,
             xs,
             self.method,

@@ -419,3 +419,41 @@ def test_parallel_solver_vmap_mixed_chaos():
         for name in ("num_iterations", "num_fallbacks", "num_sequential_steps"):
             assert int(getattr(state, name)[k]) == int(getattr(alone, name)), name
     assert state.num_fallbacks.tolist() == [1, 0]
+
+
+def test_fallback_steps_with_the_sequential_form():
+    """The fallback steps with a step map's sequential form (`SequentialForm`): for an
+    explicit Runge–Kutta step, its stages as straight-line code, where a loop over
+    the stages in every step made Lorenz-63's fallback 4–5x sequential diffrax's
+    time. A sequential form that differs shows in every fallback step (here all of
+    them: no iteration); Tsit5's straight-line step is the stage loop's map, to
+    rounding, with no loop in its program."""
+    from partime._brownian_increments import store_increments
+    from partime._fallback import SequentialForm
+    from partime._flatten import Flattener
+    from partime._inner_step import flat_step
+
+    step = lambda s, x: 0.5 * jnp.sin(s) + x
+    other = lambda s, x: 0.5 * jnp.sin(s) + 2 * x
+    init, xs = jnp.array([0.3, -0.2]), jnp.linspace(0.0, 1.0, 20)[:, None]
+    states, stats = partime.fixed_point_solve(
+        SequentialForm(step, other), init, xs, partime.Newton(max_iters=0)
+    )
+    expected = jax.lax.scan(lambda s, x: (other(s, x),) * 2, init, xs)[1]
+    assert int(stats.num_sequential_steps) == 20
+    assert max_rel_error(states, expected) < 1e-14
+
+    term = diffrax.ODETerm(lambda t, y, args: jnp.stack([y[1], -jnp.sin(y[0]) * t]))
+    y0 = jnp.array([1.0, 0.5])
+    solver = diffrax.Tsit5()
+    ts = jnp.linspace(0.0, 1.0, 5)
+    _, make_terms = store_increments(term, solver, ts)
+    x0 = (ts[0], ts[1], ())
+    steps = [
+        flat_step(solver, make_terms, None, Flattener(y0), straight)
+        for straight in (False, True)
+    ]
+    looped, straight = (step(y0, x0) for step in steps)
+    assert max_rel_error(straight, looped) < 1e-14
+    primitives = {eqn.primitive.name for eqn in jax.make_jaxpr(steps[1])(y0, x0).eqns}
+    assert not primitives & {"scan", "while"}
