@@ -208,11 +208,11 @@ def fixed_point_solve(
     - `throw`: raise an error if the solve failed (possible only with
         `fallback=False`, or a non-finite `init`). If `False`, check `stats.result`.
     - `give_up`: a boolean scalar (may be traced): if true and the method has a
-        fallback, the iteration is not attempted — no Jacobian, no iteration — and
-        the exact sequential fallback computes every step after the guess's prefix
-        that is exact to rounding. For a caller that already knows the iteration
-        is hopeless, e.g. from an estimate of the Lyapunov exponent
-        (`partime.ParallelSolver` passes its coarse pass's).
+        fallback, the iteration is not attempted — no evaluation, no Jacobian, no
+        iteration — and the exact sequential fallback computes every step. For a
+        caller that already knows the iteration is hopeless, e.g. from an estimate
+        of the Lyapunov exponent (`partime.ParallelSolver` passes its coarse
+        pass's).
 
     **Returns:** `(states, stats)`: `s_1..s_T` with shape `(T, d)`, and a
     [`partime.Stats`][].

@@ -100,7 +100,8 @@ def _erk_stages(solver, make_terms, args, flattener, num_stages, straight=False)
     memory on the neural ODE of `benchmarks/ode.py`).
 
     `straight=True`: the stages as straight-line code instead, for a step taken one
-    at a time in a loop (the sequential fallback, the coarse pass). There the stage
+    at a time in a loop (the sequential fallback; the coarse pass, only `√T` steps,
+    keeps the scan: one copy of the vector field fewer to compile). There the stage
     loop costs more than the stages: on Lorenz-63 (2·10⁴ Tsit5 steps, XLA:CPU) the
     fallback took 4–5× sequential diffrax's time with the scan, 0.8× without (unrolling
     the scan does not help)."""
@@ -259,11 +260,11 @@ def no_gradient(tree):
     )
 
 
-def step_with_info(solver, make_terms, args, flattener, straight=False) -> Callable:
+def step_with_info(solver, make_terms, args, flattener) -> Callable:
     """One inner step and its dense info: `(y_{k-1}, x_k) -> (y_k, dense_info)`,
     `y_k` as `flat_step` computes it. Explicit Runge--Kutta steps evaluate every
     stage (as `step_outputs`); other solvers run diffrax's
-    `init` + `step`. `straight`: for a step taken one at a time (see `_erk_stages`)."""
+    `init` + `step`."""
     ravel, unravel = flattener.ravel, flattener.unravel
     if not is_butcher_erk(solver):
         step = _diffrax_step(solver, make_terms, args, unravel)
@@ -277,9 +278,7 @@ def step_with_info(solver, make_terms, args, flattener, straight=False) -> Calla
     tableau = solver.tableau
     b_sol = np.asarray(tableau.b_sol)
     num_stages = int(np.flatnonzero(b_sol)[-1]) + 1
-    stages = _erk_stages(
-        solver, make_terms, args, flattener, len(tableau.c) + 1, straight
-    )
+    stages = _erk_stages(solver, make_terms, args, flattener, len(tableau.c) + 1)
 
     def erk_step(y_flat, x):
         ks = stages(y_flat, x)

@@ -602,7 +602,7 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
             # at the inputs, so that none of them is ever differentiated.
             coarse_terms, coarse_args, coarse_y0 = no_gradient((terms, args, y0_flat))
             coarse_step = step_with_info(
-                solver, lambda _: coarse_terms, coarse_args, flattener, straight=True
+                solver, lambda _: coarse_terms, coarse_args, flattener
             )
             num_coarse = self._num_coarse_steps
             coarse_ts = no_gradient(inner_grid(t0, t1, num_coarse))
