@@ -110,8 +110,8 @@ def linear_tangent_solve(step, init, xs, states, tangents, method):
     """
     t_step, t_init, t_xs = tangents
     prev = shift(init, states)
-    linearised = jax.eval_shape(lambda: method.linearise(step, prev, xs))[1]
-    if isinstance(linearised, DenseTransition):
+    _, transition = method.linearise(step, prev, xs)
+    if isinstance(transition, DenseTransition):
         # Newton, ELK: the solve holds `T d²` Jacobians anyway; all steps at once,
         # `s_0` through the shifted states (one copy of the step to compile).
         primals = (step, init, xs)
@@ -123,7 +123,7 @@ def linear_tangent_solve(step, init, xs, states, tangents, method):
             primals,
             tangents,
         )
-        return implicit_tangent_solve(step, prev, xs, rhs, method)
+        return implicit_tangent_solve(step, prev, xs, rhs, transition, method)
     # Chunk by chunk (`partime._chunked`): reverse mode then needs `O(chunk·d)` for
     # the parameters' cotangents, not every step's at once. `s_0` moves the first
     # step only. Symbolic zero tangents (`None`) stay symbolic: no `T d` zeros.
@@ -134,7 +134,7 @@ def linear_tangent_solve(step, init, xs, states, tangents, method):
         x_first = jtu.tree_map(lambda a: a[0], xs)
         first = jax.jvp(lambda s: step(s, x_first), (init,), (t_init,))[1]
         rhs = rhs.at[0].add(first)
-    return implicit_tangent_solve(step, prev, xs, rhs, method)
+    return implicit_tangent_solve(step, prev, xs, rhs, transition, method)
 
 
 class WholeSequence(AbstractLayout):

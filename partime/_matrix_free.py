@@ -249,10 +249,12 @@ def implicit_tangent_solve(
     prev: Float[Array, "T d"],
     xs: PyTree[Any],
     rhs: Float[Array, "T d"],
+    transition: AbstractTransition,
     method: AbstractMethod,
 ) -> Float[Array, "T d"]:
-    """`L⁻¹ rhs` for the derivative rule on one device: dense for a method whose
-    transition is dense (one scan, exact), matrix-free otherwise.
+    """`L⁻¹ rhs` for the derivative rule on one device, given `method`'s
+    linearisation `transition` at the solution: dense for a method whose transition is
+    dense (one scan, exact), matrix-free otherwise (the transition preconditions).
 
     Neither the operator nor (for the dense path) the Jacobians are stopped:
     differentiating the rule again (second derivatives) sees how they move; only
@@ -261,7 +263,6 @@ def implicit_tangent_solve(
     and raises when it is not finite, so the gradient of a solve that overflowed
     would be an error instead of non-finite, as diffrax's is.
     """
-    _, transition = method.linearise(step, prev, xs)
     if isinstance(transition, DenseTransition):
         operator = BidiagonalOperator(transition)
         solve = lambda b: operator.solve(b)
