@@ -189,8 +189,7 @@ def test_quasi_elk_refresh():
     default's gradient: `test_gradients.py`). `"auto"` recomputes the diagonal fewer
     times than `True` (every accepted iteration) and more than `False` (never), and
     here that pays: within 2 iterations of `True`, fewer than `False`. An RNN with
-    unstable Jacobians at the constant guess (gain 1.5): some damped steps are
-    rejected."""
+    unstable Jacobians at the constant guess (gain 1.5)."""
     cell, calls = _counting_cell(jr.PRNGKey(2), 4, 1.5)
     init, xs = jnp.zeros(4), jr.normal(jr.PRNGKey(3), (60, 2))
     expected = jax.lax.scan(cell, init, xs)
