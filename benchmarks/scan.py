@@ -11,8 +11,8 @@ step's Jacobian is too, and the structured methods run: `Newton-block`
 diagonal of a dense Jacobian estimated from 8 coloured products instead of `d`);
 `QuasiNewton-refresh` and `QuasiNewton-keep` are `QuasiNewton(refresh=True)` (the
 diagonal recomputed at every iteration) and `refresh=False` (kept from the first
-iterate), against the default `refresh="auto"`. For every `(d, T, method)` row the
-script
+iterate), against the default `refresh="auto"`; likewise `QuasiELK-refresh` and
+`QuasiELK-keep`. For every `(d, T, method)` row the script
 
 1. checks the values (final carry and outputs) and the gradient of
    `loss = sum(outputs)` with respect to the GRU parameters (closed over by the step
@@ -87,6 +87,9 @@ METHODS = {
     "QuasiNewton-probes8": lambda k: partime.QuasiNewton(diagonal_probes=8),
     "QuasiNewton-refresh": lambda k: partime.QuasiNewton(refresh=True),
     "QuasiNewton-keep": lambda k: partime.QuasiNewton(refresh=False),
+    "QuasiELK": lambda k: partime.QuasiELK(),
+    "QuasiELK-refresh": lambda k: partime.QuasiELK(refresh=True),
+    "QuasiELK-keep": lambda k: partime.QuasiELK(refresh=False),
     "Picard": lambda k: partime.Picard(),
     "Jacobi": lambda k: partime.Jacobi(),
 }

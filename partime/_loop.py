@@ -393,7 +393,8 @@ def iterate(
                 f, transition = method.linearise(step, prev, xs_now)
                 measured = measure(moved, f, scale_now)
             else:
-                f, transition = method.relinearise(
+                # The steps were evaluated at this iterate above.
+                transition = method.relinearise(
                     step, prev, xs_now, carry.transition, policy
                 )
                 measured = (residual, merit, prefix)

@@ -155,3 +155,56 @@ def test_bad_damping():
         partime.QuasiELK(damping=-1.0)
     with pytest.raises(ValueError, match="max_iters"):
         partime.ELK(max_iters=-1)
+
+
+def _counting_cell(key, size, gain):
+    """A tanh RNN cell whose derivative counts its evaluations: the list grows by
+    one at every (vectorised) linearisation of the steps."""
+    k1, k2 = jr.split(key)
+    weights = jr.normal(k1, (size, size)) / size**0.5
+    weights = gain * weights / jnp.max(jnp.abs(jnp.linalg.eigvals(weights)))
+    inputs = jr.normal(k2, (size, 2))
+    calls = []
+
+    @jax.custom_jvp
+    def tanh(z):
+        return jnp.tanh(z)
+
+    @tanh.defjvp
+    def _(primals, tangents):
+        (z,), (dz,) = primals, tangents
+        jax.debug.callback(lambda: calls.append(None))
+        y = jnp.tanh(z)
+        return y, (1 - y**2) * dz
+
+    def cell(h, x):
+        h = tanh(weights @ h + inputs @ x)
+        return h, h[0]
+
+    return cell, calls
+
+
+def test_quasi_elk_refresh():
+    """Whatever `refresh`, QuasiELK converges to `jax.lax.scan`'s answer (the
+    default's gradient: `test_gradients.py`). `"auto"` recomputes the diagonal fewer
+    times than `True` (every accepted iteration) and more than `False` (never), and
+    here that pays: within 2 iterations of `True`, fewer than `False`. An RNN with
+    unstable Jacobians at the constant guess (gain 1.5)."""
+    cell, calls = _counting_cell(jr.PRNGKey(2), 4, 1.5)
+    init, xs = jnp.zeros(4), jr.normal(jr.PRNGKey(3), (60, 2))
+    expected = jax.lax.scan(cell, init, xs)
+    linearisations, iterations = {}, {}
+    for refresh in (True, "auto", False):
+        method = partime.QuasiELK(refresh=refresh, fallback=False)
+        calls.clear()
+        *out, stats = jax.block_until_ready(
+            partime.scan(cell, init, xs, method=method, return_stats=True)
+        )
+        linearisations[refresh] = len(calls)
+        iterations[refresh] = int(stats.num_iterations)
+        assert max_rel_error(out, expected) < 1e-8
+    assert linearisations[False] == 1
+    assert 1 < linearisations["auto"] < linearisations[True]
+    assert iterations["auto"] <= iterations[True] + 2
+    assert iterations["auto"] < iterations[False]
+

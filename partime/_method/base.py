@@ -114,14 +114,14 @@ class AbstractMethod(eqx.Module):
         xs: PyTree[Any],
         transition: AbstractTransition,
         policy: PyTree,
-    ) -> tuple[Float[Array, "T d"], AbstractTransition]:
-        """`linearise` at an accepted iterate after the first, given the transitions
-        of the last linearisation (of the same steps) and the policy's state after
-        `judge`. A method may keep the transitions where recomputing them costs
-        more than it saves: they only precondition the update; the residual decides
-        convergence. By default: afresh."""
+    ) -> AbstractTransition:
+        """The transitions at an accepted iterate after the first (whose steps the
+        loop has already evaluated), given those of the last linearisation (of the
+        same steps) and the policy's state after `judge`. A method may keep them
+        where recomputing them costs more than it saves: they only precondition the
+        update; the residual decides convergence. By default: afresh."""
         del transition, policy
-        return self.linearise(step, prev, xs)
+        return self.linearise(step, prev, xs)[1]
 
     def tolerances(self, dtype: Any) -> tuple[float, float]:
         """`(rtol, atol)`, with defaults filled in for `dtype`."""

@@ -3,6 +3,7 @@ from typing import ClassVar, Literal
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from equinox import AbstractVar
 from equinox.internal import unvmap_any
 
 from .._jacobian import AbstractJacobian, check_probes, Dense
@@ -16,7 +17,66 @@ from .base import AbstractMethod
 _STALL = 0.5
 
 
-class QuasiNewton(AbstractMethod):
+class _AbstractDiagonalMethod(AbstractMethod):
+    """The diagonal transitions `diag(∂f_t/∂s_{t-1})` of QuasiNewton and QuasiELK:
+    how they are computed (`jacobian`, `jacobian_batch_size`, `diagonal_probes`) and
+    when they are recomputed (`refresh`). Wraps the policy of the class after it in
+    the MRO (undamped or damped) as `(policy, stale)`."""
+
+    jacobian: AbstractVar[AbstractJacobian]
+    jacobian_batch_size: AbstractVar[int | None]
+    diagonal_probes: AbstractVar[int | None]
+    refresh: AbstractVar[bool | Literal["auto"]]
+
+    transitions_are_jacobians: ClassVar[bool] = False
+
+    def linearise(self, step, prev, xs):
+        f, diagonal = self.jacobian.diagonal(
+            step, prev, xs, self.jacobian_batch_size, self.diagonal_probes
+        )
+        return f, DiagonalTransition(diagonal)
+
+    def init_policy(self, length, dtype):
+        """The policy of the method, and whether to recompute the diagonal."""
+        return super().init_policy(length, dtype), jnp.asarray(False)
+
+    def propose(self, layout, transition, residual, policy):
+        return super().propose(layout, transition, residual, policy[0])
+
+    def cut(self, layout, prefix, policy):
+        return super().cut(layout, prefix, policy[0])
+
+    def judge(self, layout, policy, *, old_merit, merit, **kwargs):
+        accept, inner = super().judge(
+            layout, policy[0], old_merit=old_merit, merit=merit, **kwargs
+        )
+        return accept, (inner, merit > _STALL * old_merit)
+
+    def relinearise(self, step, prev, xs, transition, policy):
+        """Recomputes the diagonal if `refresh` says so, else keeps it."""
+        if self.refresh is True:
+            return self.linearise(step, prev, xs)[1]
+        if self.refresh is False:
+            return transition
+        stale = policy[1]
+        # Unbatched under `jax.vmap`: the diagonal is recomputed only if some member
+        # of the batch asks for it (a batched cond would compute it at every call),
+        # and kept by the others.
+        return jax.lax.cond(
+            unvmap_any(stale),
+            lambda: batch_where(stale, self.linearise(step, prev, xs)[1], transition),
+            lambda: transition,
+        )
+
+    def __check_init__(self):
+        check_probes(self.diagonal_probes)
+        if not (isinstance(self.refresh, bool) or self.refresh == "auto"):
+            raise ValueError(
+                f"`refresh` must be True, False or 'auto', got {self.refresh!r}."
+            )
+
+
+class QuasiNewton(_AbstractDiagonalMethod, AbstractMethod):
     """Quasi-Newton over the whole sequence (quasi-DEER): `Ã_t = diag(∂f_t/∂s_{t-1})`.
 
     Memory and scan work are `O(T d)` instead of Newton's `O(T d²)` and `O(T d³)`, at
@@ -75,8 +135,6 @@ class QuasiNewton(AbstractMethod):
     max_iters: int | None = eqx.field(static=True, default=None)
     fallback: bool = eqx.field(static=True, default=True)
     jacobian: AbstractJacobian = eqx.field(static=True, default=Dense())
-
-    transitions_are_jacobians: ClassVar[bool] = False
     jacobian_batch_size: int | None = eqx.field(static=True, default=None)
     diagonal_probes: int | None = eqx.field(static=True, default=None)
     refresh: bool | Literal["auto"] = eqx.field(static=True, default="auto")
@@ -84,46 +142,3 @@ class QuasiNewton(AbstractMethod):
     @property
     def default_max_iters(self):
         return 200
-
-    def linearise(self, step, prev, xs):
-        f, diagonal = self.jacobian.diagonal(
-            step, prev, xs, self.jacobian_batch_size, self.diagonal_probes
-        )
-        return f, DiagonalTransition(diagonal)
-
-    def init_policy(self, length, dtype):
-        """The trust horizon, and whether to recompute the diagonal."""
-        return super().init_policy(length, dtype), jnp.asarray(False)
-
-    def cut(self, layout, prefix, policy):
-        return super().cut(layout, prefix, policy[0])
-
-    def judge(self, layout, policy, *, old_merit, merit, **kwargs):
-        accept, horizon = super().judge(
-            layout, policy[0], old_merit=old_merit, merit=merit, **kwargs
-        )
-        return accept, (horizon, merit > _STALL * old_merit)
-
-    def relinearise(self, step, prev, xs, transition, policy):
-        """Recomputes the diagonal if `refresh` says so; otherwise evaluates the
-        steps and keeps it (no Jacobian-vector product)."""
-        if self.refresh is True:
-            return self.linearise(step, prev, xs)
-        if self.refresh is False:
-            return jax.vmap(step)(prev, xs), transition
-        stale = policy[1]
-        # Unbatched under `jax.vmap`: the diagonal is recomputed only if some member
-        # of the batch asks for it (a batched cond would compute it at every call),
-        # and kept by the others.
-        return jax.vmap(step)(prev, xs), jax.lax.cond(
-            unvmap_any(stale),
-            lambda: batch_where(stale, self.linearise(step, prev, xs)[1], transition),
-            lambda: transition,
-        )
-
-    def __check_init__(self):
-        check_probes(self.diagonal_probes)
-        if not (isinstance(self.refresh, bool) or self.refresh == "auto"):
-            raise ValueError(
-                f"`refresh` must be True, False or 'auto', got {self.refresh!r}."
-            )
