@@ -296,8 +296,10 @@ def fixed_point_solve(
         hopeless-case test would stop it, it narrows instead: updates are trusted
         only over `width` steps past the converged prefix, the steps beyond held at
         the first iterate, and `width` (initially `T`) shrinks 4× at every hopeless
-        verdict, down to `T / 64`, each time with the cap of a sliding window of
-        that width for the steps left; at the narrowest the fallback takes over.
+        verdict, down to `T / 64`, and once narrowed 2–4× where the prefix moves too
+        slowly for it (more than 10 iterations per window, beyond a slack of 20),
+        each time with the cap of a sliding window of that width for the steps
+        left; at the narrowest the fallback takes over.
         Neutral recurrences (oscillators over many periods) then converge rather
         than fall back. Every iteration still costs `T` steps (one compiled loop,
         `O(log T)` depth), and nothing here tells chaos apart: a chaotic

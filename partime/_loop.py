@@ -122,11 +122,16 @@ class AbstractSchedule(eqx.Module):
         raise NotImplementedError
 
     def narrow(
-        self, state: PyTree, iteration: Int[Array, ""], reached: Int[Array, ""]
+        self,
+        state: PyTree,
+        iteration: Int[Array, ""],
+        reached: Int[Array, ""],
+        hopeless: Bool[Array, ""],
     ) -> tuple[Bool[Array, ""], PyTree, Int[Array, ""]]:
-        """`(narrowed, state, cap)` when the iteration is hopeless after `iteration`
-        iterations with `reached` steps converged: whether the schedule narrowed its
-        window (if not, the loop stops), and then its state and the new cap."""
+        """`(narrowed, state, cap)` after `iteration` iterations with `reached` steps
+        converged, given the loop's `hopeless` verdict: whether the schedule narrows
+        its window — on the verdict (if not, the loop stops), or where it judges the
+        progress too slow for its width — and then its state and the new cap."""
         raise NotImplementedError
 
 
@@ -361,12 +366,11 @@ def iterate(
         new_cap = carry.cap
         schedule_state = carry.schedule
         if schedule.narrows:
-            # Hopeless over the window: narrow it and go on, with fresh patience,
-            # unless it is as narrow as it gets.
+            # Hopeless over the window (unless it is as narrow as it gets), or too
+            # slow for it: narrow it and go on, with fresh patience.
             narrowed, narrowed_state, narrowed_cap = schedule.narrow(
-                carry.schedule, iteration, reached
+                carry.schedule, iteration, reached, hopeless
             )
-            narrowed = hopeless & narrowed
             hopeless = hopeless & ~narrowed
             rejections = jnp.where(narrowed, 0, rejections)
             past_prefix = jnp.where(narrowed, reached, past_prefix)

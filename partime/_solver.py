@@ -280,9 +280,11 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
     runs as on the whole window, iteration for iteration. Where the iteration would
     give up — a neutral window, such as an oscillator over many periods — it narrows
     instead: each update is trusted only over a window past the converged prefix, 4×
-    narrower at every hopeless verdict (down to `num_steps / 64`), the steps beyond
-    it held at the first guess, with the iteration cap of a sliding window of that
-    width; only at the narrowest does the rest go to the sequential fallback.
+    narrower at every hopeless verdict (down to `num_steps / 64`) and, once narrowed,
+    narrower still where the prefix moves too slowly for it (more than 10 iterations
+    per window), the steps beyond it held at the first guess, with the iteration cap
+    of a sliding window of that width; only at the narrowest does the rest go to the
+    sequential fallback.
     Chaotic windows never get there: the chaos test gives them to the fallback at
     once. (Van der Pol, μ = 1, over 100 time units in 10⁴ Tsit5 steps: about 100
     iterations and no fallback, where the whole window gives up after 3.) Every

@@ -15,7 +15,8 @@ at most `W` steps are in flight at a time, so memory is `O(W d²)` (Newton) or `
 - `AutomaticWindow` (`window="auto"`): every step in flight, as on the whole
     sequence, until the iteration is hopeless there; then updates are trusted only
     over a window past the converged prefix that narrows at every hopeless verdict,
-    and the fallback runs only at the narrowest.
+    and where the prefix moves too slowly for its width, and the fallback runs only
+    at the narrowest.
 
 Derivatives come from the one rule of `partime._fixed_point`, and are windowed too:
 the tangent solve at the solution is a `lax.scan` over blocks of `W` steps, each the
@@ -301,6 +302,13 @@ class SlidingWindow(_AbstractWindowed):
 # fraction of the sequence.
 _NARROW = 4
 _NARROWEST = 64
+# Once narrowed, it also narrows where a window takes more than `_PER_WINDOW`
+# iterations to move through, beyond a slack of `_SLACK` iterations (the start after a
+# narrowing, the few hard steps of a relaxation oscillator's jump): to the width its
+# converged prefix crossed in `_PACE` iterations since the last narrowing, 2-4x.
+_PER_WINDOW = 10
+_SLACK = 20
+_PACE = 8
 
 
 class _Narrowing(AbstractSchedule):
@@ -309,9 +317,13 @@ class _Narrowing(AbstractSchedule):
     beyond it are held at the first iterate, as a sliding window's new steps enter
     from the guess. `width` starts at the whole sequence (a problem that converges
     there runs as on it) and narrows `_NARROW`-fold whenever the iteration is judged
-    hopeless, down to `length / _NARROWEST`; each narrowing brings the cap of a
-    sliding window of that width for the steps left. Its state is `(width, first
-    iterate)`."""
+    hopeless, down to `length / _NARROWEST`. Once narrowed, it narrows too where the
+    prefix moves too slowly for the width (more than `_PER_WINDOW` iterations per
+    window): a neutral problem's iteration advances by about as many steps in any
+    window wider than that, so its width settles where a window converges in a few
+    iterations, at about the same depth. Each narrowing brings the cap of a sliding
+    window of that width for the steps left. Its state is `(width, first iterate,
+    iteration and converged prefix at the last narrowing)`."""
 
     length: int = eqx.field(static=True)
     # The method's cap on a window of `length` steps.
@@ -323,7 +335,7 @@ class _Narrowing(AbstractSchedule):
         return method.iteration_cap(self.length)
 
     def start(self, init, guess):
-        return (count(self.length), guess), guess
+        return (count(self.length), guess, count(0), count(0)), guess
 
     def in_flight(self, state, init, xs, scale):
         return init, xs, scale
@@ -347,12 +359,26 @@ class _Narrowing(AbstractSchedule):
         del states
         return state[1]
 
-    def narrow(self, state, iteration, reached):
+    def narrow(self, state, iteration, reached, hopeless):
+        width, held, since, start = state
         narrowest = -(-self.length // _NARROWEST)
-        width = jnp.maximum(state[0] // _NARROW, narrowest)
-        windows = -(-(self.length - reached) // width)
-        cap = iteration + windows * jnp.minimum(self.per_window, width)
-        return width < state[0], (width, state[1]), cap
+        spent, moved = iteration - since, reached - start
+        # Behind a pace of `_PER_WINDOW` iterations per window by over `_SLACK`
+        # (in floating point: `width · spent` overflows int32 for long sequences).
+        f32 = lambda a: a.astype(jnp.float32)
+        slow = (
+            (width < self.length)
+            & (reached < self.length)
+            & (_PER_WINDOW * f32(moved) < f32(width) * f32(spent - _SLACK))
+        )
+        quarter = jnp.maximum(width // _NARROW, narrowest)
+        paced = _PACE * moved // jnp.maximum(spent, 1)
+        paced = jnp.clip(paced, quarter, jnp.maximum(width // 2, narrowest))
+        new = jnp.where(hopeless, quarter, paced)
+        windows = -(-(self.length - reached) // new)
+        cap = iteration + windows * jnp.minimum(self.per_window, new)
+        narrowed = (hopeless | slow) & (new < width)
+        return narrowed, (new, held, iteration, reached), cap
 
 
 class AutomaticWindow(WholeSequence):

@@ -262,7 +262,8 @@ def neutral_case():
 
 def test_automatic_window_neutral(neutral_case):
     """The whole sequence gives up and falls back; the automatic window narrows,
-    converges without the fallback, exactly, and in parallel."""
+    converges without the fallback, exactly, and in parallel, in windows that take a
+    few iterations each."""
     init, xs, expected = neutral_case
     *out, whole = partime.scan(_van_der_pol, init, xs, return_stats=True)
     assert whole.fell_back and max_rel_error(out, expected) < 1e-8
@@ -275,6 +276,10 @@ def test_automatic_window_neutral(neutral_case):
     assert _VDP_LENGTH // 64 <= int(stats.window) < _VDP_LENGTH
     # Parallel: on average more than 10 steps settle per iteration.
     assert 0 < int(stats.num_iterations) < _VDP_LENGTH // 10
+    # Narrow enough that a window converges in a few iterations: at most 10 per
+    # window of its width, `iterations / (T / width)` (narrowed only when hopeless,
+    # 42.5: 170 iterations in windows of 500 steps).
+    assert int(stats.num_iterations) * int(stats.window) <= 10 * _VDP_LENGTH
 
 
 def test_automatic_window_gradient(neutral_case):
