@@ -764,7 +764,8 @@ ParallelSolver.__init__.__doc__ = """**Arguments:**
 - `solver`: the inner diffrax solver, stepped `num_steps` times per window. An explicit
     or implicit one-step solver (ODE or SDE); defaults to `diffrax.Tsit5()`.
 - `num_steps`: the number of inner steps per window (static: it fixes array shapes).
-    The inner step is `dt0 / num_steps`.
+    The inner step is `dt0 / num_steps`; a window's inner times are
+    [`partime.inner_grid`][]`(t0, t1, num_steps)`.
 - `method`: the fixed-point method that solves each window: `partime.Newton()` (the
     default), `partime.QuasiNewton()`, `partime.Picard()` or `partime.Jacobi()`, with
     its tolerances and iteration cap.
