@@ -226,15 +226,6 @@ class Diffusion(eqx.Module):
         return jnp.diag(self.sigma * (1 + jnp.tanh(y)) / 2)
 
 
-def inner_grid(t0: float, t1: float, num_steps: int) -> Any:
-    """The inner step times of the window `[t0, t1]`, bit for bit those that
-    `partime.ParallelSolver` steps to: `t0 + (t1 - t0) * (k / num_steps)`, the last one
-    exactly `t1`."""
-    t0, t1 = jnp.asarray(t0), jnp.asarray(t1)
-    fraction = (jnp.arange(num_steps + 1) / num_steps).astype(t0.dtype)
-    return (t0 + (t1 - t0) * fraction).at[-1].set(t1)
-
-
 def brownian_tolerance(T: int) -> float:
     """The Brownian tree's resolution in time: a sixteenth of a step."""
     return (T1 - T0) / T / 16
@@ -252,7 +243,7 @@ def make_sde_functions(
         kwargs = dict(dt0=T1 - T0, max_steps=1)
     else:
         solver = inner
-        controller = diffrax.StepTo(ts=inner_grid(T0, T1, T))
+        controller = diffrax.StepTo(ts=partime.inner_grid(T0, T1, T))
         kwargs = dict(dt0=None, stepsize_controller=controller, max_steps=T)
 
     def solve(params, y0):
@@ -306,7 +297,9 @@ def robertson(t, y, log_rates):
 
 def stiff_grid(T: int) -> Any:
     """All `T` inner steps: `T / NUM_WINDOWS` in each window."""
-    grids = [inner_grid(a, b, T // NUM_WINDOWS) for a, b in pairwise(WINDOW_ENDS)]
+    grids = [
+        partime.inner_grid(a, b, T // NUM_WINDOWS) for a, b in pairwise(WINDOW_ENDS)
+    ]
     return jnp.concatenate([g[:-1] for g in grids] + [grids[-1][-1:]])
 
 

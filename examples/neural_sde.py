@@ -124,15 +124,6 @@ class NeuralSDE(eqx.Module):
         return jnp.diag(jax.nn.softplus(self.diffusion_mlp(y)))
 
 
-def inner_grid(num_steps):
-    """The inner step times of one window over `[T0, T1]`, bit for bit those that
-    `partime.ParallelSolver` steps to: `t0 + (t1 - t0) * (k / num_steps)`, the last one
-    exactly `t1`."""
-    t0, t1 = jnp.asarray(T0), jnp.asarray(T1)
-    ts = t0 + (t1 - t0) * (jnp.arange(num_steps + 1) / num_steps).astype(t0.dtype)
-    return ts.at[-1].set(t1)
-
-
 def make_solve(solver, num_steps):
     """`solve(model, key, ts) -> (ys, iterations)`: one model path, driven by the
     Brownian tree of `key`, at the save times `ts`; and the parallel solver's Newton
@@ -145,9 +136,10 @@ def make_solve(solver, num_steps):
     """
     parallel = isinstance(solver, partime.ParallelSolver)
     if parallel:
-        kwargs = dict(dt0=T1 - T0, max_steps=1)
+        # One window, solved once: its derivative is taken from the forward solve.
+        kwargs = dict(dt0=T1 - T0, max_steps=1, adjoint=diffrax.DirectAdjoint())
     else:
-        controller = diffrax.StepTo(ts=inner_grid(num_steps))
+        controller = diffrax.StepTo(ts=partime.inner_grid(T0, T1, num_steps))
         kwargs = dict(dt0=None, stepsize_controller=controller, max_steps=num_steps)
 
     def solve(model, key, ts):

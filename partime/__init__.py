@@ -40,6 +40,7 @@ from ._window_controller import (
     WindowController as WindowController,
     WindowState as WindowState,
 )
+from ._window_interpolation import inner_grid as inner_grid
 
 
 try:

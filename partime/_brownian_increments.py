@@ -1,9 +1,14 @@
 """The Brownian increments of a window, computed once before its iteration."""
 
 import diffrax
+import equinox as eqx
+import equinox.internal as eqxi
 import jax
+import jax.numpy as jnp
 import jax.tree_util as jtu
-from jaxtyping import PyTree
+from jaxtyping import Array, PyTree
+
+from ._misc import flat_vmap
 
 
 class StoredIncrementTerm(diffrax.AbstractTerm):
@@ -25,6 +30,49 @@ class StoredIncrementTerm(diffrax.AbstractTerm):
     def contr(self, t0, t1, **kwargs):
         del t0, t1, kwargs
         return self.increment
+
+    def prod(self, vf, control):
+        return self.term.prod(vf, control)
+
+    def vf_prod(self, t, y, args, control):
+        return self.term.vf_prod(t, y, args, control)
+
+    def is_vf_expensive(self, t0, t1, y, args):
+        return self.term.is_vf_expensive(t0, t1, y, args)
+
+
+class InterpolatedIncrementTerm(diffrax.AbstractTerm):
+    """A term whose control between any two times of the window is read off the
+    stored increments: the Brownian motion interpolated linearly between the inner
+    grid's points, from its cumulative increments (exact, up to rounding, at the grid's
+    points). For the coarse pass, a first guess: it then evaluates no Brownian
+    motion (a `diffrax.VirtualBrownianTree` is a loop of random draws, compiled
+    again for every copy), only the window's increments, computed once."""
+
+    term: diffrax.AbstractTerm
+    ts: Array
+    # The Brownian motion at `ts`, relative to `ts[0]`: leading axis `len(ts)`.
+    cumulative: PyTree[Array]
+
+    def vf(self, t, y, args):
+        return self.term.vf(t, y, args)
+
+    def contr(self, t0, t1, **kwargs):
+        del kwargs
+        return jtu.tree_map(lambda a, b: b - a, self._at(t0), self._at(t1))
+
+    def _at(self, t):
+        num_steps = self.ts.shape[0] - 1
+        position = (t - self.ts[0]) / (self.ts[-1] - self.ts[0]) * num_steps
+        index = jnp.clip(jnp.floor(position), 0, num_steps - 1)
+        weight = position - index
+        index = index.astype(jnp.int32)
+
+        def interpolate(w):
+            left, right = w[index], w[index + 1]
+            return left + weight.astype(w.dtype) * (right - left)
+
+        return jtu.tree_map(interpolate, self.cumulative)
 
     def prod(self, vf, control):
         return self.term.prod(vf, control)
@@ -81,8 +129,23 @@ def store_increments(terms, solver, ts):
     increments = []
 
     def compute(leaf, kwargs):
-        contr = lambda ta, tb: leaf.contr(ta, tb, **kwargs)
-        increments.append(jax.vmap(contr)(ts[:-1], ts[1:]))
+        # The Brownian motion's parameters, if any, have no derivative to pass on.
+        no_gradient = lambda x: (
+            jax.lax.stop_gradient(x) if eqx.is_inexact_array(x) else x
+        )
+        dynamic, static = eqx.partition(jtu.tree_map(no_gradient, leaf), eqx.is_array)
+        leaves, treedef = jtu.tree_flatten(dynamic)
+
+        def contr(inputs):
+            *leaves, ta, tb = inputs
+            leaf = eqx.combine(jtu.tree_unflatten(treedef, leaves), static)
+            return leaf.contr(ta, tb, **kwargs)
+
+        in_axes = (None,) * len(leaves) + (0, 0)
+        # As diffrax's Brownian motions: an error if differentiated in time.
+        times = eqxi.nondifferentiable(ts, name="the inner step times of an SDE")
+        times = jax.lax.stop_gradient((times[:-1], times[1:]))
+        increments.append(flat_vmap(contr, [*leaves, *times], in_axes))
         return leaf
 
     _map_stochastic(terms, contr_kwargs, compute)
@@ -93,3 +156,25 @@ def store_increments(terms, solver, ts):
         return _map_stochastic(terms, contr_kwargs, store)
 
     return increments, make_terms
+
+
+def interpolated_terms(terms, solver, ts, increments):
+    """`terms` with every Brownian motion replaced by the linear interpolation of
+    the window's stored `increments` over its inner grid `ts` (see
+    `InterpolatedIncrementTerm`); `terms` as they are where nothing was stored or
+    the increments carry Lévy areas, which do not add up over steps (the coarse
+    steps then evaluate the Brownian motion itself)."""
+    is_levy = lambda x: isinstance(x, diffrax.AbstractBrownianIncrement)
+    if not increments or any(map(is_levy, increments)):
+        return terms
+    remaining = iter(increments)
+
+    def interpolate(leaf, kwargs):
+        del kwargs
+        cumulative = jtu.tree_map(
+            lambda w: jnp.concatenate([jnp.zeros_like(w[:1]), jnp.cumsum(w, axis=0)]),
+            next(remaining),
+        )
+        return InterpolatedIncrementTerm(leaf, ts, cumulative)
+
+    return _map_stochastic(terms, solver.term_compatible_contr_kwargs, interpolate)

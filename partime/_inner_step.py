@@ -15,6 +15,7 @@ import lineax as lx
 import numpy as np
 
 from ._lu import PortableLU
+from ._window_interpolation import grid_time
 
 
 def with_bounded_scan(solver: diffrax.AbstractSolver) -> diffrax.AbstractSolver:
@@ -337,7 +338,7 @@ def coarse_pass(step, y0_flat, t0, t1, counts, threshold, resolved):
         # As `inner_grid(t0, t1, n)[i]`, bit for bit: the coarse pass's dense infos
         # are read off on that grid.
         fraction = i.astype(time_dtype) / n.astype(time_dtype)
-        return jnp.where(i == n, t1, t0 + (t1 - t0) * fraction)
+        return jnp.where(i == n, t1, grid_time(t0, t1, fraction))
 
     def pass_over(level, infos):
         n = counts[level]

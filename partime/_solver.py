@@ -20,7 +20,7 @@ from equinox.internal import unvmap_all
 from jax.sharding import Mesh
 from jaxtyping import Array, Float, Int, PyTree
 
-from ._brownian_increments import store_increments
+from ._brownian_increments import interpolated_terms, store_increments
 from ._fallback import SequentialForm
 from ._fixed_point import fixed_point_solve, previous
 from ._flatten import Flattener
@@ -598,11 +598,14 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
         candidates = []
         growth = None
         if self.coarse_steps != 0:
-            # The coarse steps take the terms as they are: for an SDE, the Brownian
-            # motion over each long step.
+            # For an SDE, the coarse steps take the Brownian motion over each long
+            # step from the window's stored increments.
             # No gradient flows through a first guess or the chaos test: cut them
             # at the inputs, so that none of them is ever differentiated.
-            coarse_terms, coarse_args, coarse_y0 = no_gradient((terms, args, y0_flat))
+            coarse_terms = interpolated_terms(terms, solver, ts, increments)
+            coarse_terms, coarse_args, coarse_y0 = no_gradient(
+                (coarse_terms, args, y0_flat)
+            )
             coarse_step = step_with_info(
                 solver, lambda _: coarse_terms, coarse_args, flattener
             )
@@ -763,7 +766,8 @@ ParallelSolver.__init__.__doc__ = """**Arguments:**
 - `solver`: the inner diffrax solver, stepped `num_steps` times per window. An explicit
     or implicit one-step solver (ODE or SDE); defaults to `diffrax.Tsit5()`.
 - `num_steps`: the number of inner steps per window (static: it fixes array shapes).
-    The inner step is `dt0 / num_steps`.
+    The inner step is `dt0 / num_steps`; a window's inner times are
+    [`partime.inner_grid`][]`(t0, t1, num_steps)`.
 - `method`: the fixed-point method that solves each window: `partime.Newton()` (the
     default), `partime.QuasiNewton()`, `partime.Picard()` or `partime.Jacobi()`, with
     its tolerances and iteration cap.

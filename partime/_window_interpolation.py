@@ -6,21 +6,63 @@ from collections.abc import Callable
 from typing import Any
 
 import diffrax
+import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import numpy as np
 from equinox.internal import ω
 from jaxtyping import Array, PyTree
 
 
+@jax.custom_jvp
+def _rounded(x: Array) -> Array:
+    """`x`, held apart from the arithmetic that consumes it.
+
+    XLA contracts a product followed by a sum into one fused multiply-add (one
+    rounding instead of two), and folds constants with two roundings; eager JAX
+    never fuses. Neither an optimisation barrier nor a select survives XLA:CPU, but
+    a bit pattern the compiler cannot prove unchanged does: an `or` with the
+    comparison `x != x` (true only for a NaN, whose bits it may change)."""
+    int_dtype = {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}[x.dtype.itemsize]
+    bits = jax.lax.bitcast_convert_type(x, int_dtype)
+    bits = bits | (x != x).astype(int_dtype)
+    return jax.lax.bitcast_convert_type(bits, x.dtype)
+
+
+_rounded.defjvp(lambda primals, tangents: (_rounded(*primals), *tangents))
+
+
+def grid_time(t0, t1, fraction) -> Array:
+    """`t0 + (t1 - t0) * fraction`, rounded twice, as eager JAX does, inside `jit` as
+    outside it. A step time one ulp off moves a `diffrax.VirtualBrownianTree` by
+    about its tolerance where it meets one of the tree's dyadic nodes (and changes an
+    `UnsafeBrownianPath` altogether)."""
+    return t0 + _rounded((t1 - t0) * fraction)
+
+
 def inner_grid(t0, t1, num_steps: int) -> Array:
-    """The inner step times of the window `[t0, t1]`: `num_steps + 1` evenly spaced
-    points, the last one exactly `t1`. The solver's `step` and its interpolation both
-    call this, so that they agree bit for bit."""
+    """The inner step times of a [`partime.ParallelSolver`][] window `[t0, t1]`:
+    `num_steps + 1` evenly spaced points `t0 + (t1 - t0) * (k / num_steps)`, the last
+    one exactly `t1`.
+
+    Bit for bit the times the solver steps to, under `jax.jit` or not: give them to
+    `diffrax.StepTo(ts=...)` for a sequential solve on the same grid (with the same
+    `diffrax.VirtualBrownianTree`, the same SDE solution).
+
+    **Arguments:**
+
+    - `t0`, `t1`: the window's ends (scalars).
+    - `num_steps`: the solver's `num_steps`.
+
+    **Returns:** an array of shape `(num_steps + 1,)`, in the dtype of `t0` and `t1`.
+    """
     t0 = jnp.asarray(t0)
     t1 = jnp.asarray(t1)
     dtype = jnp.result_type(t0, t1)
-    fraction = (jnp.arange(num_steps + 1) / num_steps).astype(dtype)
-    ts = t0 + (t1 - t0) * fraction
+    # A constant of the program, each `k / num_steps` correctly rounded in `dtype`:
+    # computed in the program, XLA would multiply by `1 / num_steps` instead.
+    fraction = np.arange(num_steps + 1, dtype=dtype) / np.asarray(num_steps, dtype)
+    ts = grid_time(t0, t1, fraction)
     return ts.at[-1].set(t1)
 
 

@@ -105,3 +105,75 @@ def test_float32_gradients():
     assert par_y0.dtype == jnp.float32 and par_args.dtype == jnp.float32
     np.testing.assert_allclose(par_y0, seq_y0, rtol=RTOL, atol=RTOL)
     np.testing.assert_allclose(par_args, seq_args, rtol=RTOL, atol=RTOL)
+
+
+def _sde_terms(key):
+    drift = lambda t, y, args: -args * y
+    diffusion = lambda t, y, args: jnp.diag(0.5 + 0.2 * jnp.tanh(y))
+    brownian = diffrax.VirtualBrownianTree(0.0, 10.0, tol=1e-3, shape=(2,), key=key)
+    return diffrax.MultiTerm(
+        diffrax.ODETerm(drift), diffrax.ControlTerm(diffusion, brownian)
+    )
+
+
+@jax.jit
+def _sde_value_and_grad(keys, args, grid):
+    # As in examples/neural_sde.py: one window over [0, 10] of 100 Euler steps, its
+    # ends constants of the program. XLA then folds and reassociates the inner grid's
+    # arithmetic, which must still be `grid` (computed outside `jit`) bit for bit:
+    # it meets the Brownian tree's dyadic nodes (at 2.5, 5, 7.5), where a one-ulp
+    # change moves the tree by about its tolerance.
+    y0 = jnp.array([1.0, -0.5])
+    ts = jnp.linspace(0.0, 10.0, 11)
+
+    def loss(args, key, solver, dt0, controller, adjoint, max_steps):
+        sol = diffrax.diffeqsolve(
+            _sde_terms(key),
+            solver,
+            0.0,
+            10.0,
+            dt0,
+            y0,
+            args=args,
+            saveat=diffrax.SaveAt(ts=ts),
+            stepsize_controller=controller,
+            adjoint=adjoint,
+            max_steps=max_steps,
+        )
+        return jnp.sum(sol.ys**2), sol.ys
+
+    def both(key):
+        parallel = partime.ParallelSolver(diffrax.Euler(), num_steps=len(grid) - 1)
+        par = jax.value_and_grad(loss, has_aux=True)(
+            args,
+            key,
+            parallel,
+            10.0,
+            diffrax.ConstantStepSize(),
+            diffrax.DirectAdjoint(),
+            1,
+        )
+        seq = jax.value_and_grad(loss, has_aux=True)(
+            args,
+            key,
+            diffrax.Euler(),
+            None,
+            diffrax.StepTo(ts=grid),
+            diffrax.RecursiveCheckpointAdjoint(),
+            len(grid) - 1,
+        )
+        return par, seq
+
+    # Batched, as in training.
+    return jax.vmap(both)(keys)
+
+
+def test_float32_sde_bit_identical_grid():
+    grid = partime.inner_grid(0.0, 10.0, 100)
+    keys = jax.random.split(jax.random.key(5), 2)
+    args = jnp.array([0.3, 0.7])
+    par, seq = _sde_value_and_grad(keys, args, grid)
+    ((_, par_ys), par_grad), ((_, seq_ys), seq_grad) = par, seq
+    assert par_ys.dtype == jnp.float32
+    np.testing.assert_allclose(par_ys, seq_ys, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(par_grad, seq_grad, rtol=1e-5, atol=1e-5)
