@@ -195,6 +195,8 @@ class _Carry(eqx.Module):
     # that counted towards the patience since the start or the last narrowing.
     cap: Int[Array, ""]
     waited: Int[Array, ""]
+    # The last Lyapunov estimate the hopeless-case test computed (NaN: none).
+    lyapunov: Float[Array, ""]
 
 
 def iterate(
@@ -364,6 +366,7 @@ def iterate(
         waits = jnp.asarray(True) if counts_all else accept
         waited = carry.waited + waits.astype(jnp.int32)
         hopeless = waits & (waited >= window_size) & (needs > left)
+        lyapunov = carry.lyapunov
         if rule.contracting or horizon_growth:
             # The rates judge a predictable recurrence too early where its progress
             # accelerates: the damped pendulum in 100 steps of 1 (its horizon
@@ -381,7 +384,7 @@ def iterate(
             # hopeless. Unknown (a prefix too short), the horizon's growth over the
             # last window decides: at its factor per iteration, would the frontier
             # reach the end within the cap?
-            lyapunov = jax.lax.cond(
+            estimate = jax.lax.cond(
                 unvmap_any(hopeless),
                 lambda: lyapunov_estimate(
                     carry.transition,
@@ -390,8 +393,9 @@ def iterate(
                 ),
                 lambda: jnp.asarray(jnp.nan, dtype),
             )
+            lyapunov = jnp.where(jnp.isnan(estimate), lyapunov, estimate)
             if rule.contracting:
-                hopeless = hopeless & ~(lyapunov < 0)
+                hopeless = hopeless & ~(estimate < 0)
             if horizon_growth:
                 # The horizons (frontier - prefix) now and `window_size - 1`
                 # counted iterations ago (the oldest entry precedes the first
@@ -407,7 +411,7 @@ def iterate(
                 )
                 goes_on_growing = growth_needs <= left
                 if horizon_growth == "gated":
-                    goes_on_growing = goes_on_growing & ~(lyapunov > 0)
+                    goes_on_growing = goes_on_growing & ~(estimate > 0)
                 hopeless = hopeless & ~goes_on_growing
         rejections = jnp.where(accept, 0, carry.rejections + 1)
         if method.rejections_are_hopeless:
@@ -504,6 +508,7 @@ def iterate(
             hopeless=hopeless,
             cap=new_cap,
             waited=waited,
+            lyapunov=lyapunov,
         )
 
     sched, states = schedule.start(init, guess)
@@ -547,6 +552,7 @@ def iterate(
         hopeless=give_up,
         cap=count(cap),
         waited=count(0),
+        lyapunov=jnp.asarray(jnp.nan, dtype),
     )
     carry = jax.lax.while_loop(cond_fun, body_fun, carry)
     states = carry.states
@@ -599,12 +605,15 @@ def iterate(
     # The Lyapunov estimate at the last linearised iterate. Converged: along all of
     # it. Otherwise along its converged prefix only, where it is the exact
     # trajectory (past it, an iterate that was given up on can read +0.01 per step
-    # where the trajectory contracts at -0.35); NaN if that is too short.
+    # where the trajectory contracts at -0.35); if that is too short (a window
+    # that moved past the steps it converged), the hopeless-case test's last one;
+    # NaN if none.
     done = converged(carry)
     used = jnp.where(done, layout.length, carry.linearised_prefix)
     lyapunov = lyapunov_estimate(
         carry.transition, used, ~give_up & (done | (used >= _LYAPUNOV_STEPS))
     )
+    lyapunov = jnp.where(jnp.isnan(lyapunov), carry.lyapunov, lyapunov)
     stats = Stats(
         num_iterations=carry.iteration,
         num_advances=carry.advances + 1,
