@@ -6,8 +6,8 @@ solve is traced) runs the same problems with the defaults otherwise:
 
 - *predictable* (they should converge without the fallback): the RNN of
     `benchmarks/convergence.py` with gain 1.5 (`partime.scan`; unstable Jacobians at
-    the constant guess, contracting along the trajectory), `T = 10³, 10⁴`; the damped
-    pendulum over `[0, 100]`, `T = 10³, 10⁴`, and van der Pol (`μ = 1`) over
+    the constant guess, contracting along the trajectory), `T = 10³, 10⁴, 10⁵`; the
+    damped pendulum over `[0, 100]`, `T = 10², 10³, 10⁴`, and van der Pol (`μ = 1`) over
     `[0, 100]`, `T = 10³` (`partime.ParallelSolver(diffrax.Tsit5(), num_steps=T)`,
     one window, as in `convergence.py --parts speed`; this van der Pol window does
     not converge within Newton's cap from any guess: it must fall back, the row
@@ -25,7 +25,7 @@ grid), median of interleaved calls, and the error against it (largest, relative 
 the largest magnitude; "exact" within 1e-8). Each row checks its answer before
 timing.
 
-Usage, from the repository root (about 10 min on the shared 2-core CPU):
+Usage, from the repository root (about 20 min on the shared 2-core CPU):
 
     python benchmarks/hopeless.py      # writes benchmarks/results/hopeless-<platform>.*
 """
@@ -63,6 +63,8 @@ RULES = {
         rejections_wait=True,
         frontier=False,
         restart_trusted_only=False,
+        contracting=False,
+        horizon_growth=None,
     ),
     "more patience": Rule(
         patience=0.25,
@@ -70,15 +72,32 @@ RULES = {
         rejections_wait=True,
         frontier=False,
         restart_trusted_only=False,
+        contracting=False,
+        horizon_growth=None,
     ),
     "no rejection limit": Rule(
-        rejections_wait=True, frontier=False, restart_trusted_only=False
+        rejections_wait=True,
+        frontier=False,
+        restart_trusted_only=False,
+        contracting=False,
+        horizon_growth=None,
     ),
-    "rejections wait": Rule(frontier=False, restart_trusted_only=False),
-    "+ frontier": Rule(restart_trusted_only=False),
-    "+ restart (chosen)": Rule(),
+    "rejections wait": Rule(
+        frontier=False,
+        restart_trusted_only=False,
+        contracting=False,
+        horizon_growth=None,
+    ),
+    "+ frontier": Rule(
+        restart_trusted_only=False, contracting=False, horizon_growth=None
+    ),
+    "+ restart": Rule(contracting=False, horizon_growth=None),
+    "+ contracting prefix": Rule(horizon_growth=None),
+    "+ horizon growth": Rule(horizon_growth="always"),
+    "+ growth unless chaotic (chosen)": Rule(),
 }
-assert RULES["+ restart (chosen)"] == loop._HOPELESS
+CHOSEN = "+ growth unless chaotic (chosen)"
+assert RULES[CHOSEN] == loop._HOPELESS
 EXACT_RTOL = 1e-8
 
 
@@ -107,6 +126,8 @@ def _from_study(name):
 PROBLEMS = [
     ("rnn gain 1.5", "predictable", "scan", _from_study("rnn-1.5"), 1000, {}),
     ("rnn gain 1.5", "predictable", "scan", _from_study("rnn-1.5"), 10000, {}),
+    ("rnn gain 1.5", "predictable", "scan", _from_study("rnn-1.5"), 100000, {}),
+    ("damped pendulum [0, 100]", "predictable", "ode", "damped-pendulum", 100, {}),
     ("damped pendulum [0, 100]", "predictable", "ode", "damped-pendulum", 1000, {}),
     ("damped pendulum [0, 100]", "predictable", "ode", "damped-pendulum", 10000, {}),
     ("van der Pol μ=1 [0, 100]", "neutral", "ode", "van-der-pol μ=1", 1000, {}),
@@ -201,7 +222,7 @@ def run(budget_s):
                 check, timed = parallel()
                 ys, stats = check(*args)
             finally:
-                loop._HOPELESS = RULES["+ restart (chosen)"]
+                loop._HOPELESS = RULES[CHOSEN]
             error = max_rel_error(ys, reference) if stats["ok"] else math.inf
             exact = stats["ok"] and error <= EXACT_RTOL
             row = dict(
@@ -266,8 +287,17 @@ rejection limit" on:
   only shrink the trust horizon 4×).
 - **+ frontier**: the advance of the trusted frontier (converged prefix + trust
   horizon) counts as progress too.
-- **+ restart (chosen)**: where the last trust horizon fell short of the end, the
-  fallback restarts after the steps whose residual is exactly zero.
+- **+ restart** (the rule of the last session): where the last trust horizon fell
+  short of the end, the fallback restarts after the steps whose residual is
+  exactly zero.
+- **+ contracting prefix**: where the rates say hopeless, an iteration whose
+  Lyapunov estimate along the converged prefix (at least 8 steps) is negative goes
+  on.
+- **+ horizon growth**: so does one whose frontier, with the trust horizon growing
+  by the factor per iteration it grew by over the last window, would reach the
+  end within the cap.
+- **+ growth unless chaotic (chosen)**: the horizon's growth counts only while the
+  Lyapunov estimate is not positive (unknown: a prefix shorter than 8 steps).
 
 Speed-up: sequential time / parallel time (above 1 the parallel solve is faster;
 on a CPU it rarely is: read the ratios between rules). Times are medians of

@@ -248,10 +248,17 @@ def fixed_point_solve(
         predictable problem whose first updates go badly from a poor guess (an RNN
         with unstable Jacobians at the guess) shows its progress in the trust
         horizon, which doubles every other iteration before the prefix moves, and
-        converges (20–24 iterations); chaotic recurrences (positive largest
+        converges (20–31 iterations); chaotic recurrences (positive largest
         Lyapunov exponent, e.g. the logistic map, Lorenz-63 over many Lyapunov
         times), whose horizon stays a few steps long, are stopped after 8–11
         iterations (about half of them rejected), instead of running to the cap.
+        Where the rates say hopeless, two signs of a predictable problem let the
+        iteration go on (methods whose transitions are Jacobians: Newton): a
+        negative Lyapunov estimate (`Stats.lyapunov`) along the converged prefix
+        of at least 8 steps (contracting: the iterations needed do not grow with
+        `T`), or, while that estimate is not positive, a trust horizon growing
+        fast enough over the last tenth of the cap that the frontier would reach
+        the end within it.
         The price of the test: a problem that would converge just within the cap
         can be stopped and finished sequentially — exact, only not parallel; a
         better guess or a larger `max_iters` helps.

@@ -49,6 +49,13 @@ class _HopelessRule(NamedTuple):
     # the last trust horizon covered every step, and otherwise after the prefix whose
     # residuals are exactly zero.
     restart_trusted_only: bool = True
+    # Whether an iteration whose Lyapunov estimate along the converged prefix (the
+    # exact trajectory, at least `_LYAPUNOV_STEPS` steps) is negative goes on.
+    contracting: bool = True
+    # Whether the trust horizon's growth factor over the last window counts: the
+    # frontier reaching the end at it, unless the Lyapunov estimate is positive
+    # (`"gated"`), or regardless of it (`"always"`); `None`: not counted.
+    horizon_growth: str | None = "gated"
 
 
 _HOPELESS = _HopelessRule()
@@ -193,6 +200,8 @@ class _Carry(eqx.Module):
     # that counted towards the patience since the start or the last narrowing.
     cap: Int[Array, ""]
     waited: Int[Array, ""]
+    # The last Lyapunov estimate the hopeless-case test computed (NaN: none).
+    lyapunov: Float[Array, ""]
 
 
 def iterate(
@@ -224,6 +233,13 @@ def iterate(
     eps = float(jnp.finfo(dtype).eps)
     rule = _HOPELESS
     window_size = max(2, math.ceil(rule.patience * cap))
+    # (A damped method's updates are trusted over every step: no horizon. Gated
+    # by the Lyapunov estimate: only where the transitions are Jacobians.)
+    horizon_growth = rule.horizon_growth
+    if not (rule.frontier and method.rejections_are_hopeless and window_size > 2):
+        horizon_growth = None
+    if horizon_growth == "gated" and not method.transitions_are_jacobians:
+        horizon_growth = None
     if give_up is None or not method.fallback:
         give_up = jnp.array(False)
 
@@ -235,6 +251,17 @@ def iterate(
         residual = states - f
         ok = within(residual, tolerance(states, scale))
         return residual, layout.merit(residual), layout.first_false(ok)
+
+    def lyapunov_estimate(transition, used, known):
+        # The growth of the products of the step Jacobians over the first `used`
+        # steps, per step: an estimate of the largest Lyapunov exponent, along the
+        # exact trajectory where they were linearised at the converged prefix. NaN
+        # where not `known`, and for transitions that are not Jacobians.
+        if not method.transitions_are_jacobians:
+            return jnp.asarray(jnp.nan, dtype)
+        growth = layout.total(transition.log_growth(index < used))
+        per_step = growth / jnp.maximum(used, 1).astype(growth.dtype)
+        return jnp.where(known, per_step, jnp.nan).astype(dtype)
 
     def converged(carry):
         return schedule.offset(carry.schedule) + carry.settled == total
@@ -344,6 +371,53 @@ def iterate(
         waits = jnp.asarray(True) if counts_all else accept
         waited = carry.waited + waits.astype(jnp.int32)
         hopeless = waits & (waited >= window_size) & (needs > left)
+        lyapunov = carry.lyapunov
+        if rule.contracting or horizon_growth:
+            # The rates judge a predictable recurrence too early where its progress
+            # accelerates: the damped pendulum in 100 steps of 1 (its horizon
+            # trusted over 3-12 steps for 17 iterations, then doubling to the end:
+            # converged in 21) and an RNN that contracts along its trajectory from
+            # a guess where it does not (T = 10⁵: its horizon doubling from 97
+            # steps at iteration 6, the prefix 6 steps long at iteration 10,
+            # converged in 31). Asked only when the rates say hopeless (the
+            # estimate costs a pass over the transitions): along the converged
+            # prefix, the exact trajectory, a negative Lyapunov estimate means a
+            # contracting recurrence, whose Newton-type iteration converges in a
+            # number of iterations that does not grow with T: it goes on. A
+            # positive one means errors grow along it (chaos: the horizon can
+            # double for a while, up to a few Lyapunov times, and then stalls):
+            # hopeless. Unknown (a prefix too short), the horizon's growth over the
+            # last window decides: at its factor per iteration, would the frontier
+            # reach the end within the cap?
+            estimate = jax.lax.cond(
+                unvmap_any(hopeless),
+                lambda: lyapunov_estimate(
+                    carry.transition,
+                    carry.linearised_prefix,
+                    carry.linearised_prefix >= _LYAPUNOV_STEPS,
+                ),
+                lambda: jnp.asarray(jnp.nan, dtype),
+            )
+            lyapunov = jnp.where(jnp.isnan(estimate), lyapunov, estimate)
+            if rule.contracting:
+                hopeless = hopeless & ~(estimate < 0)
+            if horizon_growth:
+                # The horizons (frontier - prefix) now and `window_size - 1`
+                # counted iterations ago (the oldest entry precedes the first
+                # update: no horizon was trusted yet).
+                horizon = (frontier - reached).astype(dtype)
+                then = (carry.past_frontier[1] - carry.past_prefix[1]).astype(dtype)
+                factor = jnp.log(horizon / jnp.maximum(then, 1)) / (window_size - 1)
+                growth_needs = jnp.where(
+                    (then > 0) & (factor > 0),
+                    jnp.log((total - reached).astype(dtype) / jnp.maximum(horizon, 1))
+                    / jnp.maximum(factor, eps),
+                    jnp.inf,
+                )
+                goes_on_growing = growth_needs <= left
+                if horizon_growth == "gated":
+                    goes_on_growing = goes_on_growing & ~(estimate > 0)
+                hopeless = hopeless & ~goes_on_growing
         rejections = jnp.where(accept, 0, carry.rejections + 1)
         if method.rejections_are_hopeless:
             if rule.max_rejections is None:
@@ -439,6 +513,7 @@ def iterate(
             hopeless=hopeless,
             cap=new_cap,
             waited=waited,
+            lyapunov=lyapunov,
         )
 
     sched, states = schedule.start(init, guess)
@@ -482,6 +557,7 @@ def iterate(
         hopeless=give_up,
         cap=count(cap),
         waited=count(0),
+        lyapunov=jnp.asarray(jnp.nan, dtype),
     )
     carry = jax.lax.while_loop(cond_fun, body_fun, carry)
     states = carry.states
@@ -531,23 +607,18 @@ def iterate(
         start = jnp.where(init_finite, total, 0)
     states = layout.complete(step, init, xs, states, start)
     result = RESULTS.where(init_finite, result, RESULTS.nonfinite_input)
-    # The growth of the products of the step Jacobians at the last linearised
-    # iterate: an estimate of the largest Lyapunov exponent, per step. Converged:
-    # along all of it. Otherwise along its converged prefix only, where it is the
-    # exact trajectory (past it, an iterate that was given up on can read +0.01 per
-    # step where the trajectory contracts at -0.35); NaN if that is too short.
-    if method.transitions_are_jacobians:
-        done = converged(carry)
-        used = jnp.where(done, layout.length, carry.linearised_prefix)
-        growth = layout.total(carry.transition.log_growth(index < used))
-        enough = done | (used >= _LYAPUNOV_STEPS)
-        lyapunov = jnp.where(
-            ~give_up & enough,
-            growth / jnp.maximum(used, 1).astype(growth.dtype),
-            jnp.nan,
-        )
-    else:
-        lyapunov = jnp.asarray(jnp.nan, dtype)
+    # The Lyapunov estimate at the last linearised iterate. Converged: along all of
+    # it. Otherwise along its converged prefix only, where it is the exact
+    # trajectory (past it, an iterate that was given up on can read +0.01 per step
+    # where the trajectory contracts at -0.35); if that is too short (a window
+    # that moved past the steps it converged), the hopeless-case test's last one;
+    # NaN if none.
+    done = converged(carry)
+    used = jnp.where(done, layout.length, carry.linearised_prefix)
+    lyapunov = lyapunov_estimate(
+        carry.transition, used, ~give_up & (done | (used >= _LYAPUNOV_STEPS))
+    )
+    lyapunov = jnp.where(jnp.isnan(lyapunov), carry.lyapunov, lyapunov)
     stats = Stats(
         num_iterations=carry.iteration,
         num_advances=carry.advances + 1,

@@ -46,22 +46,22 @@ class Stats(eqx.Module):
     - `length`: the sequence length `T`.
     - `result`: a `partime.RESULTS` member (optimistix's result codes).
     - `lyapunov`: an estimate of the largest Lyapunov exponent `λ` of the recurrence,
-        per step, from the step Jacobians `J_t` at the last iterate at which the
-        method linearised: `log ‖J_n ⋯ J_1‖ / n` over the `n` steps in flight if the
-        iteration converged; otherwise over the `n` leading steps that had
-        converged in that iterate only, where it is the exact trajectory (the
-        steps past them, which the fallback then computed, are not counted). On a
-        mesh the devices' chunks' growths are summed; for blocks, the mean over
-        the blocks that have an estimate; for the sliding window, along its last
-        position. `λ < 0`: errors die out (contracting, predictable, parallel
-        iterations converge fast); `λ ≈ 0`: neutral (oscillators: iterations grow
-        with the periods spanned); `λ·T` more than a few units: chaotic, the
-        iteration cannot pay. A finite-horizon estimate: its sign and order of
-        magnitude are what to read. NaN when the method's transitions are not
-        Jacobians (`QuasiNewton`, `QuasiELK`, `Picard`, `Jacobi`), when no
-        linearisation was made (the iteration was given up beforehand) and when
-        fewer than 8 steps had converged (over so few, the growth is a transient);
-        `-inf` for a product that is exactly zero.
+        per step, from the step Jacobians `J_t` at the last iterate at which the method
+        linearised: `log ‖J_n ⋯ J_1‖ / n` over the `n` steps in flight if the iteration
+        converged; otherwise over the `n` leading steps that had converged in that
+        iterate only, where it is the exact trajectory (the steps past them, which the
+        fallback then computed, are not counted). On a mesh the devices' chunks' growths
+        are summed; for blocks, the mean over the blocks that have an estimate; for the
+        sliding window, along its last position (where fewer than 8 of its steps had
+        converged: the estimate the hopeless-case test last computed, if any). `λ < 0`:
+        errors die out (contracting, predictable, parallel iterations converge fast);
+        `λ ≈ 0`: neutral (oscillators: iterations grow with the periods spanned); `λ·T`
+        more than a few units: chaotic, the iteration cannot pay. A finite-horizon
+        estimate: its sign and order of magnitude are what to read. NaN when the
+        method's transitions are not Jacobians (`QuasiNewton`, `QuasiELK`, `Picard`,
+        `Jacobi`), when no linearisation was made (the iteration was given up
+        beforehand) and when fewer than 8 steps had converged (over so few, the growth
+        is a transient); `-inf` for a product that is exactly zero.
     - `window`: how many steps were solved together: `T` for the whole sequence
         (and on a mesh), `W` for blocks and the sliding window, and for the
         automatic window (`window="auto"`) its final width — the steps past the

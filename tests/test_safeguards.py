@@ -385,6 +385,34 @@ def test_contracting_window_converges():
     assert max_rel_error(ys, reference) < 1e-8
 
 
+def test_contracting_window_accelerates():
+    """The damped pendulum over 100 time units in 100 Tsit5 steps of 1: the trust
+    horizon stays 1-12 steps for 17 iterations (the prefix grows a step or two per
+    iteration, the merit jumps), then doubles to the end. The rates alone gave up
+    at iteration 10; the Lyapunov estimate along the converged prefix is negative
+    (contracting: about -0.1 per step), so the iteration goes on and converges."""
+    ys, state, reference = jax.jit(_pendulum_solve, static_argnums=(0, 1))(0.5, 100)
+    assert int(state.num_fallbacks) == 0
+    assert int(state.num_iterations) <= 25
+    assert float(state.lyapunov) < 0
+    assert max_rel_error(ys, reference) < 1e-8
+
+
+def test_growing_horizon_goes_on():
+    """The RNN of spectral radius 1.5 over 5000 steps: its first updates are
+    rejected down to a horizon of 78 steps, which then doubles every other
+    iteration while the prefix is a few steps long (too short for a Lyapunov
+    estimate). At that factor the frontier reaches the end within the cap: the
+    iteration goes on (it gave up at iteration 8) and converges in 26."""
+    cell, init, xs = _rnn(1.5, length=5000)
+    *out, stats = jax.jit(
+        lambda i, x: partime.scan(cell, i, x, return_stats=True)
+    )(init, xs)
+    assert not stats.fell_back
+    assert int(stats.num_iterations) <= 30
+    assert max_rel_error(out, jax.lax.scan(cell, init, xs)) < 1e-8
+
+
 def test_parallel_solver_vmap_mixed_chaos():
     """A batch of two Lorenz systems from the same start: `ρ = 28` (chaotic, given up
     on by the chaos test) and `ρ = 0.5` (contracting to the origin, iterated): each

@@ -142,7 +142,8 @@ class AbstractMethod(eqx.Module):
 
     # Whether the transitions are the steps' Jacobians (or close to them), so that
     # the growth of their products estimates the largest Lyapunov exponent along
-    # the iterate (`Stats.lyapunov`; NaN for methods whose transitions are not).
+    # the iterate (`Stats.lyapunov`; NaN for methods whose transitions are not),
+    # which the hopeless-case test consults too.
     transitions_are_jacobians: ClassVar[bool] = True
 
     def init_policy(self, length: int, dtype: Any) -> PyTree:
