@@ -9,7 +9,6 @@ import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import jax.random as jr
 import jax.tree_util as jtu
 import lineax as lx
 import numpy as np
@@ -325,10 +324,13 @@ def coarse_pass(step, y0_flat, t0, t1, counts, threshold, resolved):
     num_coarse = counts[0]
     counts = jnp.asarray(counts, jnp.int32)
     # A fixed direction (deterministic), unlikely to be orthogonal to the growing
-    # one; drawn at trace time: a constant of the program, not a random-number kernel.
-    with jax.ensure_compile_time_eval():
-        v0 = jr.normal(jr.PRNGKey(0), y0_flat.shape, dtype)
-        v0 = v0 / jnp.linalg.norm(v0)
+    # one; drawn by numpy at trace time: a constant of the program, neither a
+    # random-number kernel nor small programs compiled to draw it.
+    rng = np.random.default_rng(0)
+    v0 = rng.standard_normal(y0_flat.shape)
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        v0 = v0 + 1j * rng.standard_normal(y0_flat.shape)
+    v0 = jnp.asarray(v0 / np.linalg.norm(v0), dtype)
     info_shapes = jax.eval_shape(lambda y: step(y, (t0, t1))[1], y0_flat)
     no_infos = jtu.tree_map(
         lambda s: jnp.zeros((num_coarse, *s.shape), s.dtype), info_shapes
