@@ -95,7 +95,9 @@ def test_jit_and_vmap(getkey, kind):
         assert jnp.allclose(out[i], expected, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("structure", ["dense", "diagonal", "identity", "zero"])
+@pytest.mark.parametrize(
+    "structure", ["dense", "block", "diagonal", "identity", "zero"]
+)
 def test_log_growth(getkey, kind, structure):
     """`log max|(A_T ⋯ A_1)_ij|`, against the product formed directly (`T = 64` and
     `T = 37`: the pairwise tree pads odd levels); `-inf` for a zero product."""
