@@ -241,7 +241,13 @@ def coarse_guess(interpolation_cls, ravel, infos, ts, coarse_ts):
     """A first iterate for a window: the dense output of `coarse_pass` over the
     long steps `coarse_ts`, read off at the inner grid `ts`."""
     num_coarse = len(coarse_ts) - 1
-    index = jnp.searchsorted(coarse_ts, ts[1:], side="left") - 1
+    # Few coarse steps: one comparison of every pair is a single fused reduction,
+    # where the default binary search is a loop (more kernels to compile).
+    small = len(coarse_ts) * len(ts) <= 2**22
+    index = jnp.searchsorted(
+        coarse_ts, ts[1:], side="left", method="compare_all" if small else "sort"
+    )
+    index = index - 1
     index = jnp.clip(index, 0, num_coarse - 1)
 
     def evaluate(t, i):

@@ -32,6 +32,7 @@ from ._lds import AbstractTransition, DenseTransition
 from ._loop import iterate
 from ._matrix_free import implicit_tangent_solve
 from ._method.base import AbstractMethod
+from ._misc import first_false
 from ._operator import BidiagonalOperator
 from ._stats import Stats
 
@@ -158,7 +159,7 @@ class WholeSequence(AbstractLayout):
 
     def first_false(self, ok: Bool[Array, " T"]) -> Int[Array, ""]:
         """The index of the first `False` (`T` if none): the leading `True`s."""
-        return jnp.sum(jnp.cumprod(ok.astype(jnp.int32)), dtype=jnp.int32)
+        return first_false(ok)
 
     def all(self, ok: Bool[Array, "..."]) -> Bool[Array, ""]:
         return jnp.all(ok)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
-from jaxtyping import Array, Bool, PyTree
+from jaxtyping import Array, Bool, Int, PyTree
 
 
 def as_count(value: Any) -> Any:
@@ -92,3 +92,12 @@ def flat_vmap(fn: Callable, leaves: list, in_axes: tuple) -> PyTree:
         return out, jtu.tree_map(lambda _: True, out)
 
     return call(list(leaves))
+
+
+def first_false(ok: Bool[Array, " T"]) -> Int[Array, ""]:
+    """The index of the first `False` in `ok` (its length if none), as one reduction
+    (a cumulative product would be a prefix scan: several kernels, each compiled)."""
+    index = jnp.arange(ok.shape[0], dtype=jnp.int32)
+    return jnp.min(jnp.where(ok, ok.shape[0], index), initial=ok.shape[0]).astype(
+        jnp.int32
+    )

@@ -32,6 +32,7 @@ from ._layout import AbstractLayout, zeros_for_none
 from ._lds import DenseTransition
 from ._loop import iterate
 from ._method.base import AbstractDampedMethod
+from ._misc import first_false
 from ._sharding import chunk_solve, filter_shard_map, sharded_solve, time_axis
 
 
@@ -107,7 +108,7 @@ class _Chunk(eqx.Module):
         return jax.lax.psum(local, self.axis_name)
 
     def first_false(self, ok: Bool[Array, " C"]) -> Int[Array, ""]:
-        local = jnp.sum(jnp.cumprod(ok.astype(jnp.int32)), dtype=jnp.int32)
+        local = first_false(ok)
         first = jnp.where(local < self.chunk, self.index[0] + local, self.length)
         return jax.lax.pmin(first.astype(jnp.int32), self.axis_name)
 

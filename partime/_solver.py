@@ -76,6 +76,22 @@ class ParallelSolverState(eqx.Module):
     lyapunov: Float[Array, ""]
     num_sequential_steps: Int[Array, ""]
     window: Int[Array, ""]
+    first_window: "_FirstWindow | None" = None
+
+
+class _FirstWindow(eqx.Module):
+    """A window solved by `ParallelSolver.init`, for `diffeqsolve` to read off in its
+    only step (see `_one_step`): the step's outputs and statistics, for the window
+    from `t0` to `t1`, and whether they are still to be read."""
+
+    t0: Any
+    t1: Any
+    y1: PyTree
+    y_error: PyTree
+    dense_info: dict[str, PyTree]
+    stats: ParallelSolverState
+    result: Any
+    pending: Array
 
 
 def _is_count(value: Any, minimum: int) -> bool:
@@ -134,6 +150,63 @@ def _check_not_backsolve() -> None:
         ):
             raise ValueError(_BACKSOLVE_MESSAGE)
         frame = frame.f_back
+
+
+def _diffeqsolve_locals() -> dict[str, Any] | None:
+    """The local variables of the innermost `diffeqsolve` on the call stack (`None`
+    outside one)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "diffeqsolve" and "max_steps" in frame.f_locals:
+            return frame.f_locals
+        frame = frame.f_back
+    return None
+
+
+class _OneStep(eqx.Module):
+    """How `init` solves the only window of a `diffeqsolve(..., max_steps=1)`."""
+
+    interpolated: bool = eqx.field(static=True)
+
+
+def _one_step() -> _OneStep | None:
+    """Whether the `diffeqsolve` calling `init` takes at most one step
+    (`max_steps=1`), so that its only step is the window `init` is given; and then
+    whether that window's interpolation is evaluated (`SaveAt(ts=...)`,
+    `SaveAt(dense=True)`, an event).
+
+    That window is then solved by `init`, outside diffrax's stepping loop, and the
+    step reads it off. With diffrax's default adjoint (`RecursiveCheckpointAdjoint`),
+    whose backward pass recomputes every step from a checkpoint of the loop's state,
+    the window is then solved (and compiled) once, not twice: the step that the
+    backward pass recomputes holds no solve. As for `_check_not_backsolve`,
+    `diffeqsolve` passes these to no solver method: they are read off its frame."""
+    local = _diffeqsolve_locals()
+    if local is None:
+        return None
+    max_steps = local["max_steps"]
+    if not (_is_count(max_steps, 0) and max_steps <= 1):
+        return None
+    saveat = local.get("saveat")
+    if not isinstance(saveat, diffrax.SaveAt):
+        return _OneStep(interpolated=True)
+    is_sub = lambda x: isinstance(x, diffrax.SubSaveAt)
+    subs = [x for x in jtu.tree_leaves(saveat.subs, is_leaf=is_sub) if is_sub(x)]
+    interpolated = (
+        saveat.dense
+        or any(sub.ts is not None for sub in subs)
+        or local.get("event") is not None
+        or local.get("discrete_terminating_event") is not None
+    )
+    return _OneStep(interpolated=interpolated)
+
+
+_NOT_PENDING_MESSAGE = (
+    "`partime.ParallelSolver`: with `max_steps=1`, `init` solves the solve's only "
+    "window and its step reads it off; this step was given another window or a "
+    "solver state from another solve (`diffeqsolve(..., solver_state=...)`). Pass "
+    "`max_steps` of 2 or more to solve every window in its step."
+)
 
 
 def _check_inner_solver(solver: Any) -> None:
@@ -546,17 +619,45 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
         return self.solver.error_order(terms)
 
     def init(self, terms, t0, t1, y0, args) -> ParallelSolverState:
-        del t0, t1, args
         _check_terms(terms)
         _check_not_backsolve()
         zero = jnp.array(0, dtype=jnp.int32)
         nan = jnp.asarray(jnp.nan, Flattener(y0).dtype)
-        return ParallelSolverState(
+        state = ParallelSolverState(
             num_iterations=zero,
             num_fallbacks=zero,
             lyapunov=nan,
             num_sequential_steps=zero,
             window=jnp.array(self.num_steps, dtype=jnp.int32),
+        )
+        one_step = _one_step()
+        if one_step is None:
+            return state
+        # `diffeqsolve(..., max_steps=1)`: its only step is this window (`t1` is
+        # its end). Solved here, outside diffrax's loop; the step reads it off.
+        _check_root_finder_tolerances(self.solver)
+        y1, y_error, dense_info, stats, result = _window_step(
+            self, terms, t0, t1, y0, args, state
+        )
+        # No derivative for what no output depends on: diffrax's backward pass
+        # cannot tell that it is zero, and would take (and compile) it. The error
+        # estimate of the only step decides nothing but its acceptance; the dense
+        # output is read only by interpolation.
+        y_error = jax.lax.stop_gradient(y_error)
+        if not one_step.interpolated:
+            dense_info = jax.lax.stop_gradient(dense_info)
+        first_window = _FirstWindow(
+            t0=jnp.asarray(t0),
+            t1=jnp.asarray(t1),
+            y1=y1,
+            y_error=y_error,
+            dense_info=dense_info,
+            stats=stats,
+            result=result,
+            pending=jnp.asarray(True),
+        )
+        return eqx.tree_at(
+            lambda s: s.first_window, state, first_window, is_leaf=lambda x: x is None
         )
 
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
@@ -564,6 +665,8 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
         # solvers recompute their first stage and a jump at `t0` needs no special care.
         del made_jump
         _check_terms(terms)
+        if solver_state.first_window is not None:
+            return _read_first_window(t0, t1, solver_state.first_window)
         _check_root_finder_tolerances(self.solver)
         return _window_step(self, terms, t0, t1, y0, args, solver_state)
 
@@ -731,6 +834,21 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
 # calls with the same inputs reuse the first one's trace: the whole window (the
 # user's vector field included) is traced once, not three times.
 _window_step = eqx.filter_jit(ParallelSolver._window_step)
+
+
+def _read_first_window(t0, t1, first_window: _FirstWindow):
+    """The step of a `diffeqsolve(..., max_steps=1)`: the window `init` solved."""
+    same = (
+        first_window.pending
+        & (jnp.asarray(t0) == first_window.t0)
+        & (jnp.asarray(t1) == first_window.t1)
+    )
+    y1 = eqx.error_if(first_window.y1, ~same, _NOT_PENDING_MESSAGE)
+    read = eqx.tree_at(lambda w: w.pending, first_window, jnp.asarray(False))
+    stats = eqx.tree_at(
+        lambda s: s.first_window, first_window.stats, read, is_leaf=lambda x: x is None
+    )
+    return y1, first_window.y_error, first_window.dense_info, stats, first_window.result
 
 
 class _ImplicitParallelSolver(ParallelSolver):

@@ -504,6 +504,113 @@ def test_gradients(solver_name, adjoint_name):
         assert np.all(np.asarray(g) != 0)
 
 
+@functools.partial(jax.jit, static_argnames=("adjoint_name", "parallel", "save"))
+def _one_window_gradient(y0, args, field, closed, *, adjoint_name, parallel, save):
+    """The gradient over one window (`max_steps=1`: solved by `init`), against
+    sequential diffrax on its inner grid; `save="ts"` reads the window's
+    interpolation, `"t1"` its end only."""
+    saveat = diffrax.SaveAt(ts=_GRAD_TS) if save == "ts" else diffrax.SaveAt(t1=True)
+    if parallel:
+        solver, dt0, grid, max_steps = (
+            partime.ParallelSolver(diffrax.Tsit5(), num_steps=NUM_INNER), T1 - T0,
+            None, 1,
+        )  # fmt: skip
+    else:
+        solver, dt0 = diffrax.Tsit5(), None
+        grid = _inner_grid(np.array([T0, T1]), NUM_INNER)
+        max_steps = NUM_INNER
+
+    def loss(y0, args, field, closed):
+        term = diffrax.ODETerm(lambda t, y, a: field(t, y, a) + closed * jnp.cos(t))
+        controller = (
+            diffrax.ConstantStepSize() if grid is None else diffrax.StepTo(ts=grid)
+        )
+        sol = diffrax.diffeqsolve(
+            term, solver, T0, T1, dt0, y0, args=args, adjoint=ADJOINTS[adjoint_name](),
+            saveat=saveat, stepsize_controller=controller, max_steps=max_steps,
+        )  # fmt: skip
+        return jnp.sum(sol.ys**2 * jnp.arange(1.0, 4.0)[None]) + jnp.sum(
+            jnp.sin(sol.ys)
+        )
+
+    derivative = jax.jacfwd if adjoint_name == "forward_mode" else jax.grad
+    inputs = (y0, args, field, closed)
+    return loss(*inputs), derivative(loss, argnums=(0, 1, 2, 3))(*inputs)
+
+
+@pytest.mark.parametrize(
+    "adjoint_name, save",
+    [
+        ("recursive_checkpoint", "ts"),
+        ("recursive_checkpoint", "t1"),
+        ("direct", "t1"),
+        ("forward_mode", "ts"),
+    ],
+)
+def test_one_window_gradients(adjoint_name, save):
+    """With `max_steps=1` the window is solved by `init`, outside diffrax's loop:
+    values and gradients still equal sequential diffrax's, whichever adjoint, through
+    the window's end and through its interpolation."""
+    inputs = (_Y0, _ARG, _FIELD, _CLOSED)
+    kwargs = dict(adjoint_name=adjoint_name, save=save)
+    value, grads = _one_window_gradient(*inputs, parallel=True, **kwargs)
+    ref_value, ref_grads = _one_window_gradient(*inputs, parallel=False, **kwargs)
+    _assert_close(value, ref_value, RTOL_Y)
+    _assert_close(grads, ref_grads, RTOL_GRAD, atol=1e-9)
+    for g in jax.tree_util.tree_leaves(grads):
+        assert np.all(np.asarray(g) != 0)
+
+
+def test_one_window_solved_once():
+    """With `max_steps=1` and diffrax's default adjoint, the backward pass does not
+    solve the window again: the vector field runs as often as with `DirectAdjoint`
+    (whose backward pass differentiates the forward's solve), where with
+    `max_steps=2` the default adjoint re-solves the window from its checkpoint."""
+    calls = []
+
+    def field(t, y, args):
+        jax.debug.callback(lambda: calls.append(None))
+        return -args * y + jnp.sin(t)
+
+    solver = partime.ParallelSolver(diffrax.Euler(), num_steps=8)
+
+    def count(adjoint, max_steps):
+        def loss(a):
+            sol = diffrax.diffeqsolve(
+                diffrax.ODETerm(field), solver, 0.0, 1.0, 1.0, jnp.ones(2), args=a,
+                adjoint=adjoint, max_steps=max_steps,
+            )  # fmt: skip
+            return jnp.sum(sol.ys)
+
+        grad = jax.jit(jax.grad(loss))
+        jax.block_until_ready(grad(0.5))
+        calls.clear()
+        jax.block_until_ready(grad(0.5))
+        return len(calls)
+
+    once = count(diffrax.RecursiveCheckpointAdjoint(), 1)
+    assert once > 0
+    assert once == count(diffrax.DirectAdjoint(), 1)
+    assert count(diffrax.RecursiveCheckpointAdjoint(), 2) > once
+
+
+def test_one_window_foreign_state():
+    """With `max_steps=1` the step reads the window `init` solved: a solver state
+    passed in from another solve (whose window was read) is refused, not read."""
+    solver = partime.ParallelSolver(diffrax.Tsit5(), num_steps=10)
+    solve = functools.partial(
+        diffrax.diffeqsolve, _TERM, solver, T0, T1, T1 - T0, _Y0, args=_ARGS,
+        max_steps=1, saveat=diffrax.SaveAt(t1=True, solver_state=True),
+    )  # fmt: skip
+    first = solve()
+    assert first.solver_state.first_window is not None
+    with pytest.raises(Exception, match="another solve"):
+        solve(solver_state=first.solver_state)
+    two = solve(max_steps=2)
+    assert two.solver_state.first_window is None
+    _assert_close(two.ys, first.ys, RTOL_Y)
+
+
 def test_second_order():
     """Hessian-vector products (forward over reverse, with `DirectAdjoint`, which
     allows it on both sides) equal sequential diffrax's."""
