@@ -10,8 +10,9 @@ fused computations, in the compiled HLO; XLA:CPU generates code for each). For t
 forward solve and for `jax.value_and_grad` of `loss = sum(y(t1)²)` (with respect to
 the parameters and `y0`), on the problems of `benchmarks/ode.py`, float32, with
 diffrax's default adjoint (`RecursiveCheckpointAdjoint`, which solves every window
-again on the backward pass) and with `diffrax.DirectAdjoint()` (which differentiates
-the forward pass's window: the documented choice for a few windows):
+again on the backward pass, except with `max_steps=1`: the one-window problems here,
+whose window the solver's `init` solves once) and with `diffrax.DirectAdjoint()`
+(which differentiates the forward pass's windows):
 
 - `neural`: the neural ODE `dy/dt = MLP(y)` (width 64, depth 2), `d = 4`, Tsit5,
   `T = 1000` steps in one parallel window;

@@ -205,8 +205,9 @@ def make_functions(
 
 
 SDE_SOLVERS = {"euler": diffrax.Euler}
-# `--adjoint`: the parallel solve's. With one window (`max_steps=1`), diffrax's default
-# solves the window again on the backward pass; `DirectAdjoint` keeps the forward's.
+# `--adjoint`: the parallel solve's. With one window (`max_steps=1`) the solver's `init`
+# solves it, once, for both; with several, diffrax's default solves each window again
+# on the backward pass, and `DirectAdjoint` differentiates the forward's.
 ADJOINTS = {
     "recursive": diffrax.RecursiveCheckpointAdjoint,
     "direct": diffrax.DirectAdjoint,

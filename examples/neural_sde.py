@@ -136,7 +136,8 @@ def make_solve(solver, num_steps):
     """
     parallel = isinstance(solver, partime.ParallelSolver)
     if parallel:
-        # One window, solved once: its derivative is taken from the forward solve.
+        # One window, solved once (`max_steps=1`); `DirectAdjoint` differentiates the
+        # saves inside it at a smaller compile than the default (see neural_ode.py).
         kwargs = dict(dt0=T1 - T0, max_steps=1, adjoint=diffrax.DirectAdjoint())
     else:
         controller = diffrax.StepTo(ts=partime.inner_grid(T0, T1, num_steps))

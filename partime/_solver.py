@@ -69,6 +69,9 @@ class ParallelSolverState(eqx.Module):
         at the iterate (`partime.Stats.lyapunov`). NaN before the first window,
         and when neither is available. `lyapunov · (t1 - t0)` above a few units
         means chaos over the window.
+    - `first_window`: `None`, except in a `diffeqsolve(..., max_steps=1)`: the one
+        window, solved by `init` and read off by the step (see "Gradients" in
+        [`partime.ParallelSolver`][]).
     """
 
     num_iterations: Int[Array, ""]
@@ -430,13 +433,18 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
     **Gradients.** Each window is differentiated implicitly (one parallel linear solve
     at the converged solution, never by unrolling the iterations), so the backward
     pass is parallel over time too. Use `diffrax.RecursiveCheckpointAdjoint()` (the
-    default; like any diffrax step, each window is solved again on the backward
-    pass), `diffrax.DirectAdjoint()` or `diffrax.ForwardMode()`;
-    `diffrax.BacksolveAdjoint()` is rejected with an error. For one window or a
-    few, prefer `adjoint=diffrax.DirectAdjoint()`: each window is solved once and
-    its solve differentiated, so the gradient compiles and runs faster (on a neural
-    ODE in one window of 1000 Tsit5 steps, 456 XLA kernels instead of 838, and two
-    thirds of the gradient's time); its memory grows with `max_steps`.
+    default), `diffrax.DirectAdjoint()` or `diffrax.ForwardMode()`;
+    `diffrax.BacksolveAdjoint()` is rejected with an error. Like any diffrax step, a
+    window is solved again on the default adjoint's backward pass, from the state
+    saved before it; except with `max_steps=1` (one window: `dt0 = t1 - t0`), where
+    `init` solves the window, outside diffrax's stepping loop, and the step reads it
+    off (`sol.solver_state.first_window`), so that it is solved and compiled once
+    for every adjoint (a neural ODE in one window of 1000 Tsit5 steps: 472 XLA
+    kernels for `value_and_grad` instead of 812). With `SaveAt(ts=...)` or
+    `dense=True` inside the window, `adjoint=diffrax.DirectAdjoint()` still
+    compiles faster: diffrax's checkpointed saving loop differentiates the window's
+    interpolation at every saved time. `DirectAdjoint`'s memory grows with
+    `max_steps`.
 
     **Supported problems.** Any PyTree `y0` is accepted, with real or complex leaves
     of any floating-point dtype, some or all of them empty; it is flattened to one
