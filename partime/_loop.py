@@ -19,7 +19,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-from equinox.internal import unvmap_all, unvmap_any
+from equinox.internal import unvmap_any
 from jaxtyping import Array, Bool, Float, Int, PyTree
 
 from ._lds import AbstractTransition
@@ -202,6 +202,10 @@ class _Carry(eqx.Module):
     waited: Int[Array, ""]
     # The last Lyapunov estimate the hopeless-case test computed (NaN: none).
     lyapunov: Float[Array, ""]
+    # Before the first iteration: the loop's first pass only evaluates and
+    # linearises the guess (in the code that linearises every accepted iterate, so
+    # that it is traced and compiled once).
+    first: Bool[Array, ""]
 
 
 def iterate(
@@ -277,13 +281,16 @@ def iterate(
     def body_fun(carry):
         head, xs_now, scale_now = schedule.in_flight(carry.schedule, init, xs, scale)
         offset = schedule.offset(carry.schedule)
+        first = carry.first
         delta = method.propose(layout, carry.transition, carry.residual, carry.policy)
-        candidate = carry.states + delta
+        # The first pass: the guess itself, evaluated below and always accepted.
+        candidate = jnp.where(first, carry.states, carry.states + delta)
         first_bad = layout.first_false(jnp.all(jnp.isfinite(candidate), axis=-1))
         cut = jnp.minimum(method.cut(layout, carry.prefix, carry.policy), first_bad)
         if schedule.narrows:
             limit = schedule.limit(carry.schedule, carry.prefix)
             cut = jnp.minimum(cut, limit)
+        cut = jnp.where(first, length, cut)
         # Everything past the cut is unknown: continue it as a constant (a fresh flat
         # guess; an undamped update is exact at least one step past the prefix, so
         # progress is kept).
@@ -309,18 +316,25 @@ def iterate(
             residual=residual,
             merit=merit,
         )
+        accept = accept | first
+        policy = jtu.tree_map(
+            lambda old, new: jnp.where(first, old, new), carry.policy, policy
+        )
 
         def pick(new, old):
             return jnp.where(accept, new, old)
 
         tol = tolerance(candidate, scale_now)
         small = within(candidate - carry.states, tol) & within(residual, tol)
-        settled = pick(layout.first_false(small), carry.settled)
+        # (A step is settled after a small update: not on the first pass.)
+        settled = pick(
+            jnp.where(first, carry.settled, layout.first_false(small)), carry.settled
+        )
         states = pick(candidate, carry.states)
         residual = pick(residual, carry.residual)
         merit = pick(merit, carry.merit)
         prefix = pick(prefix, carry.prefix)
-        iteration = carry.iteration + 1
+        iteration = carry.iteration + (~first).astype(carry.iteration.dtype)
 
         # Hopeless case: at the rates at which the converged prefix (of the whole
         # sequence), the merit and the trusted frontier progressed over the last
@@ -369,6 +383,7 @@ def iterate(
         # counts.)
         counts_all = rule.rejections_wait or not method.rejections_are_hopeless
         waits = jnp.asarray(True) if counts_all else accept
+        waits = waits & ~first
         waited = carry.waited + waits.astype(jnp.int32)
         hopeless = waits & (waited >= window_size) & (needs > left)
         lyapunov = carry.lyapunov
@@ -432,11 +447,16 @@ def iterate(
             hopeless = jnp.array(False)
 
         def remember(past, value):
-            return jnp.where(waits, jnp.concatenate([past[1:], value[None]]), past)
+            kept = jnp.where(waits, jnp.concatenate([past[1:], value[None]]), past)
+            # After the first pass, the guess's values stand for every past one.
+            return jnp.where(first, jnp.broadcast_to(value, past.shape), kept)
 
         past_prefix = remember(carry.past_prefix, reached)
         past_merit = remember(carry.past_merit, merit)
-        past_frontier = remember(carry.past_frontier, frontier)
+        # Before the first update only the prefix is trusted.
+        past_frontier = remember(
+            carry.past_frontier, jnp.where(first, reached, frontier)
+        )
         new_cap = carry.cap
         schedule_state = carry.schedule
         if schedule.narrows:
@@ -473,7 +493,7 @@ def iterate(
             else:
                 # The steps were evaluated at this iterate above.
                 transition = method.relinearise(
-                    step, prev, xs_now, carry.transition, policy
+                    step, prev, xs_now, carry.transition, policy, first
                 )
                 measured = (residual, merit, prefix)
             return (sched, moved, transition, *measured, settled - shift, shift)
@@ -514,28 +534,21 @@ def iterate(
             cap=new_cap,
             waited=waited,
             lyapunov=lyapunov,
+            first=jnp.asarray(False),
         )
 
     sched, states = schedule.start(init, guess)
     head, xs_now, scale_now = schedule.in_flight(sched, init, xs, scale)
     prev = layout.previous(head, states)
 
-    def linearise():
-        return method.linearise(step, prev, xs_now)
-
-    def evaluate():
-        # Given up: nothing is evaluated. The residuals are unknown (NaN: no step
-        # is within tolerance, so the fallback computes every step; a pass over
-        # all the steps to find the guess's exact prefix cost 0.7x a sequential
-        # solve on Lorenz-63), and the transitions a placeholder.
-        shapes = jax.eval_shape(linearise)[1]
-        placeholder = jtu.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
-        return jnp.full_like(states, jnp.nan), placeholder
-
-    # Unbatched under `jax.vmap`: skipped only if every problem of the batch gives up
-    # (in a mixed batch, those that give up keep their guess's exact prefix).
-    f, transition = jax.lax.cond(unvmap_all(give_up), evaluate, linearise)
-    residual, merit, prefix = measure(states, f, scale_now)
+    # The guess is evaluated and linearised by the loop's first pass. Until then the
+    # residuals are unknown (NaN: no step is within tolerance), and the transitions a
+    # placeholder. A window given up on keeps them: nothing is evaluated, and the
+    # fallback computes every step (a pass over all the steps to find the guess's
+    # exact prefix cost 0.7x a sequential solve on Lorenz-63).
+    shapes = jax.eval_shape(lambda: method.linearise(step, prev, xs_now))[1]
+    transition = jtu.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+    residual, merit, prefix = measure(states, jnp.full_like(states, jnp.nan), scale_now)
     carry = _Carry(
         iteration=count(0),
         states=states,
@@ -551,13 +564,13 @@ def iterate(
         policy=method.init_policy(length, dtype),
         past_prefix=jnp.broadcast_to(prefix, (window_size,)),
         past_merit=jnp.broadcast_to(merit, (window_size,)),
-        # Before the first update only the prefix is trusted.
         past_frontier=jnp.broadcast_to(prefix, (window_size,)),
         rejections=count(0),
         hopeless=give_up,
         cap=count(cap),
         waited=count(0),
         lyapunov=jnp.asarray(jnp.nan, dtype),
+        first=jnp.asarray(True),
     )
     carry = jax.lax.while_loop(cond_fun, body_fun, carry)
     states = carry.states

@@ -114,13 +114,15 @@ class AbstractMethod(eqx.Module):
         xs: PyTree[Any],
         transition: AbstractTransition,
         policy: PyTree,
+        first: Bool[Array, ""] | bool = False,
     ) -> AbstractTransition:
-        """The transitions at an accepted iterate after the first (whose steps the
-        loop has already evaluated), given those of the last linearisation (of the
-        same steps) and the policy's state after `judge`. A method may keep them
-        where recomputing them costs more than it saves: they only precondition the
-        update; the residual decides convergence. By default: afresh."""
-        del transition, policy
+        """The transitions at an accepted iterate (whose steps the loop has already
+        evaluated), given those of the last linearisation (of the same steps) and
+        the policy's state after `judge`. A method may keep them where recomputing
+        them costs more than it saves: they only precondition the update; the
+        residual decides convergence. At the `first` iterate (the guess) there are
+        none to keep. By default: afresh."""
+        del transition, policy, first
         return self.linearise(step, prev, xs)[1]
 
     def tolerances(self, dtype: Any) -> tuple[float, float]:

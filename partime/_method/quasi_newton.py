@@ -52,13 +52,14 @@ class _AbstractDiagonalMethod(AbstractMethod):
         )
         return accept, (inner, merit > _STALL * old_merit)
 
-    def relinearise(self, step, prev, xs, transition, policy):
-        """Recomputes the diagonal if `refresh` says so, else keeps it."""
+    def relinearise(self, step, prev, xs, transition, policy, first=False):
+        """Recomputes the diagonal if `refresh` says so (and at the `first`
+        iterate), else keeps it."""
         if self.refresh is True:
             return self.linearise(step, prev, xs)[1]
-        if self.refresh is False:
-            return transition
-        stale = policy[1]
+        stale = jnp.asarray(first)
+        if self.refresh == "auto":
+            stale = stale | policy[1]
         # Unbatched under `jax.vmap`: the diagonal is recomputed only if some member
         # of the batch asks for it (a batched cond would compute it at every call),
         # and kept by the others.
