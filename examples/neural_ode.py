@@ -151,11 +151,14 @@ def make_train_step(solve, optimiser):
 
 
 def time_steps(steps, args, repeats):
-    """Per training step function: its first call's time (compilation included) and
-    the median time of `repeats` calls after it. The calls alternate between the
-    functions, so that a machine busy with other work slows them alike."""
+    """Per training step function: its first call's time (compilation included, from
+    cold caches, as in a fresh process: JAX caches the traces of helpers that the
+    functions share) and the median time of `repeats` calls after it. The calls
+    alternate between the functions, so that a machine busy with other work slows
+    them alike."""
     first, times = {}, {name: [] for name in steps}
     for name, step in steps.items():
+        jax.clear_caches()
         start = time.perf_counter()
         jax.block_until_ready(step(*args))
         first[name] = time.perf_counter() - start

@@ -299,6 +299,9 @@ def main(argv=None):
     start = time.perf_counter()
     *_, parallel_loss, parallel_grads, (parallel_paths, _) = train_step(*step_args)
     parallel_first = time.perf_counter() - start
+    # From cold caches, as the parallel step's first call was (JAX caches the traces
+    # of helpers that both steps use: the second would find them there).
+    jax.clear_caches()
     start = time.perf_counter()
     *_, sequential_loss, sequential_grads, (sequential_paths, _) = sequential_step(
         *step_args
