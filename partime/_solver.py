@@ -173,7 +173,7 @@ class _OneStep(eqx.Module):
 
 
 def _one_step() -> _OneStep | None:
-    """Whether the `diffeqsolve` calling `init` takes at most one step
+    """Whether the `diffeqsolve` calling `init` takes one step at most
     (`max_steps=1`), so that its only step is the window `init` is given; and then
     whether that window's interpolation is evaluated (`SaveAt(ts=...)`,
     `SaveAt(dense=True)`, an event).
@@ -188,7 +188,7 @@ def _one_step() -> _OneStep | None:
     if local is None:
         return None
     max_steps = local["max_steps"]
-    if not (_is_count(max_steps, 0) and max_steps <= 1):
+    if not (_is_count(max_steps, 1) and max_steps == 1):
         return None
     saveat = local.get("saveat")
     if not isinstance(saveat, diffrax.SaveAt):
