@@ -439,7 +439,7 @@ class ParallelSolver(diffrax.AbstractAdaptiveSolver[ParallelSolverState]):
     saved before it; except with `max_steps=1` (one window: `dt0 = t1 - t0`), where
     `init` solves the window, outside diffrax's stepping loop, and the step reads it
     off (`sol.solver_state.first_window`), so that it is solved and compiled once
-    for every adjoint (a neural ODE in one window of 1000 Tsit5 steps: 472 XLA
+    for every adjoint (a neural ODE in one window of 1000 Tsit5 steps: 443 XLA
     kernels for `value_and_grad` instead of 812). With `SaveAt(ts=...)` or
     `dense=True` inside the window, `adjoint=diffrax.DirectAdjoint()` still
     compiles faster: diffrax's checkpointed saving loop differentiates the window's
