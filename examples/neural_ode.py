@@ -105,7 +105,7 @@ def make_solve(solver, num_steps):
     gradient uses `diffrax.DirectAdjoint()`: the loss reads the trajectory at save
     times inside the window, whose interpolation diffrax's default adjoint would
     differentiate save time by save time in a checkpointed loop (a first training
-    step of 2.1x sequential diffrax's time instead of 1.4x, mostly compilation).
+    step of 2.0x sequential diffrax's time instead of 1.4x, mostly compilation).
     """
     parallel = isinstance(solver, partime.ParallelSolver)
     if parallel:
